@@ -1,0 +1,69 @@
+"""`colonyd`: run one node.
+
+    colonyd --data-dir DIR --listen /ip4/127.0.0.1/tcp/4001
+
+The server owner key comes from --server-key-file, else COLONIES_SERVER_PRVKEY, else it is
+created in the data dir on the first start. The node prints its full multiaddr when ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from cli.logs import setup_logging
+from node.daemon import ColonyNode, NodeConfig
+from protocol.errors import ColoniesError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="colonyd", description="Run a Colonies node.")
+    p.add_argument("--data-dir", required=True, type=Path, help="journal, snapshot and keys")
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=None,
+        help="multiaddr to listen on (repeatable); default /ip4/127.0.0.1/tcp/0",
+    )
+    p.add_argument("--server-key-file", type=Path, help="file holding the server owner key (hex)")
+    p.add_argument("--ready-file", type=Path, help="write the node's addresses here when ready")
+    p.add_argument("--log-level", default=os.environ.get("COLONIES_LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    config = NodeConfig(
+        data_dir=args.data_dir,
+        listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
+        server_prvkey=os.environ.get("COLONIES_SERVER_PRVKEY") or None,
+        server_key_file=args.server_key_file,
+        ready_file=args.ready_file,
+    )
+
+    async def run() -> None:
+        node = ColonyNode(config)
+        async with trio.open_nursery() as n:
+            await n.start(node.run)
+            for addr in node.addrs:
+                print(f"colonyd ready: {addr}", flush=True)
+
+    try:
+        trio.run(run)
+    except ColoniesError as e:
+        print(f"colonyd: error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    logging.getLogger("colonies.node").info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

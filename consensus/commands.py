@@ -1,0 +1,274 @@
+"""The write commands: one handler per client write, plus the internal bootstrap and tick.
+
+A handler runs after the machine has checked the nonce, validated the body and checked the
+role rule (roles.py). It checks the business rules (400/404) before its first mutation, so a
+refused command changes nothing (but for its nonce, which the machine records).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from consensus.lifecycle import Event
+from consensus.listing import ALL_STATES
+from consensus.process_ops import (
+    assign_next,
+    check_current_attempt,
+    close,
+    expire_due,
+    requeue,
+)
+from consensus.records import (
+    NS_PER_DAY,
+    Attribute,
+    Colony,
+    Executor,
+    Process,
+    attribute_id,
+    deadline_after,
+)
+from consensus.request import Request
+from consensus.state import ColonyState
+from protocol.errors import BadRequest, NotFound
+from protocol.messages import APPROVED, ENV, PENDING, REJECTED, RUNNING
+from protocol.schema import HEX64
+
+NO_PROCESS = "no process available for assignment"
+
+
+Handler = Callable[[ColonyState, Request, int], Any]
+
+# Colonies and executors.
+
+
+def add_colony(st: ColonyState, req: Request, now: int) -> Any:
+    c = req.body["colony"]
+    if c["name"] in st.colonies:
+        raise BadRequest(f"colony '{c['name']}' already exists")
+    owned = st.colony_by_owner.get(c["colonyid"])
+    if owned is not None:
+        raise BadRequest(f"colony id {c['colonyid']} already owns colony '{owned}'")
+    colony = Colony(colonyid=c["colonyid"], name=c["name"])
+    st.add_colony(colony)
+    return colony.to_wire()
+
+
+def remove_colony(st: ColonyState, req: Request, now: int) -> Any:
+    name = st.colony(req.body["colonyname"]).name
+    st.remove_colony(name)
+    st.applied_changes += 1  # waiters on this colony must wake up and learn it is gone
+    return {}
+
+
+def add_executor(st: ColonyState, req: Request, now: int) -> Any:
+    e = req.body["executor"]
+    if e["executorid"] in st.executors:
+        raise BadRequest(f"executor id {e['executorid']} is already registered")
+    if e["executorname"] in st.colony_executors[e["colonyname"]]:
+        raise BadRequest(
+            f"executor '{e['executorname']}' already exists in colony '{e['colonyname']}'"
+        )
+    ex = Executor(
+        executorid=e["executorid"],
+        executortype=e["executortype"],
+        executorname=e["executorname"],
+        colonyname=e["colonyname"],
+        state=PENDING,  # whatever the client sent: only the colony owner approves
+        commissiontime=now,
+    )
+    st.add_executor(ex)
+    return ex.to_wire()
+
+
+def set_executor_state(state: int) -> Handler:
+    """Approve or reject; the colony owner may toggle freely, as in Colonies."""
+
+    def handler(st: ColonyState, req: Request, now: int) -> Any:
+        ex = st.executor_named(req.body["colonyname"], req.body["executorname"])
+        ex.state = state
+        st.applied_changes += 1
+        return {}
+
+    return handler
+
+
+def remove_executor(st: ColonyState, req: Request, now: int) -> Any:
+    ex = st.executor_named(req.body["colonyname"], req.body["executorname"])
+    # As Colonies: its running processes go back to the queue without counting a retry.
+    for pid in st.running_of(ex.executorid):
+        requeue(st, st.processes[pid], now, Event.EXECUTOR_REMOVED)
+    st.remove_executor(ex)
+    st.applied_changes += 1
+    return {}
+
+
+# Processes.
+
+
+def submit(st: ColonyState, req: Request, now: int) -> Any:
+    pid = req.gen
+    if not isinstance(pid, str) or not HEX64.match(pid):
+        raise BadRequest("a submit needs a generated 64-hex process id ('gen')")
+    if pid in st.processes:
+        raise BadRequest(f"process id {pid} is already in use")
+    spec = dict(req.body["spec"])
+    # Quirk 9.8 fixed: 0 means "no limit", as -1 does (upstream treats a 0 maxexectime as
+    # already expired on a single submit).
+    for limit in ("maxexectime", "maxwaittime"):
+        if spec[limit] == 0:
+            spec[limit] = -1
+    colony = spec["conditions"]["colonyname"]
+    initiator = st.executors[req.caller]  # the role rule made the caller an approved member
+    p = Process(
+        processid=pid,
+        seq=st.next_seq,
+        spec=spec,
+        initiatorid=req.caller,
+        initiatorname=initiator.executorname,
+        submissiontime=now,
+        # One priority unit is worth one day of queue age (Colonies HEAD).
+        prioritytime=now - spec["priority"] * NS_PER_DAY,
+        waitdeadline=deadline_after(now, spec["maxwaittime"]),
+    )
+    # spec.env becomes ENV attributes; sorted so the order does not depend on the encoder.
+    for key in sorted(spec["env"]):
+        p.attributes.append(
+            Attribute(
+                attributeid=attribute_id(pid, key, ENV),
+                targetid=pid,
+                targetcolonyname=colony,
+                attributetype=ENV,
+                key=key,
+                value=spec["env"][key],
+            )
+        )
+    st.next_seq += 1
+    st.add_process(p)
+    st.applied_changes += 1
+    return p.to_wire()
+
+
+def assign(st: ColonyState, req: Request, now: int) -> Any:
+    # The body's timeout is the node's business (long-poll); here we try exactly once.
+    p = assign_next(st, st.executors[req.caller], now)
+    if p is None:
+        raise NotFound(NO_PROCESS)
+    return p.to_wire()
+
+
+def close_successful(st: ColonyState, req: Request, now: int) -> Any:
+    p = st.processes[req.body["processid"]]
+    check_current_attempt(p, req.body["attempt"])
+    close(st, p, True, req.body["out"], [], now)
+    st.applied_changes += 1
+    return {}
+
+
+def close_failed(st: ColonyState, req: Request, now: int) -> Any:
+    p = st.processes[req.body["processid"]]
+    check_current_attempt(p, req.body["attempt"])
+    close(st, p, False, [], req.body["errors"], now)
+    st.applied_changes += 1
+    return {}
+
+
+def close_assign(st: ColonyState, req: Request, now: int) -> Any:
+    """Close this attempt, then assign the caller's next process (None if there is none)."""
+    b = req.body
+    p = st.processes[b["processid"]]
+    check_current_attempt(p, b["attempt"])  # the last check that can refuse: nothing done yet
+    close(st, p, b["successful"], b["out"], b["errors"], now)
+    st.applied_changes += 1
+    nxt = assign_next(st, st.executors[req.caller], now)
+    return {"closed": {}, "process": nxt.to_wire() if nxt is not None else None}
+
+
+def remove_process(st: ColonyState, req: Request, now: int) -> Any:
+    p = st.processes[req.body["processid"]]
+    if p.state == RUNNING:
+        raise BadRequest(f"process {p.processid} is running and cannot be removed")
+    st.remove_process(p)
+    return {}
+
+
+def remove_all_processes(st: ColonyState, req: Request, now: int) -> Any:
+    colony, state = req.body["colonyname"], req.body["state"]
+    if state == RUNNING:
+        raise BadRequest("running processes cannot be removed")
+    states = [s for s in ALL_STATES if s != RUNNING] if state == -1 else [state]
+    for s in states:
+        for pid in st.listing.ids(colony, s):
+            st.remove_process(st.processes[pid])
+    return {}
+
+
+def add_attribute(st: ColonyState, req: Request, now: int) -> Any:
+    a = req.body["attribute"]
+    p = st.processes[a["targetid"]]
+    if p.state != RUNNING:
+        raise BadRequest(f"process {p.processid} is not running: attributes cannot be added")
+    aid = attribute_id(p.processid, a["key"], a["attributetype"])
+    if aid in st.attributes:
+        raise BadRequest(
+            f"process {p.processid} already has an attribute '{a['key']}' "
+            f"of type {a['attributetype']}"
+        )
+    attr = Attribute(
+        attributeid=aid,
+        targetid=p.processid,
+        targetcolonyname=p.colonyname,
+        attributetype=a["attributetype"],
+        key=a["key"],
+        value=a["value"],
+    )
+    st.add_attribute(p, attr)
+    return attr.to_wire()
+
+
+WRITES: dict[str, Handler] = {
+    "addcolonymsg": add_colony,
+    "removecolonymsg": remove_colony,
+    "addexecutormsg": add_executor,
+    "approveexecutormsg": set_executor_state(APPROVED),
+    "rejectexecutormsg": set_executor_state(REJECTED),
+    "removeexecutormsg": remove_executor,
+    "submitfuncspecmsg": submit,
+    "assignprocessmsg": assign,
+    "closesuccessfulmsg": close_successful,
+    "closefailedmsg": close_failed,
+    "closeassignmsg": close_assign,
+    "removeprocessmsg": remove_process,
+    "removeallprocessesmsg": remove_all_processes,
+    "addattributemsg": add_attribute,
+}
+
+
+# Internal commands: proposed by nodes, never by clients (the message registry has no such
+# names, so a client cannot send them).
+
+InternalHandler = Callable[[ColonyState, dict[str, Any], int], Any]
+
+
+def bootstrap(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
+    """Fix the server owner and the cluster id, once."""
+    sid, cid = cmd.get("serverid"), cmd.get("clusterid")
+    for label, v in (("serverid", sid), ("clusterid", cid)):
+        if not isinstance(v, str) or not HEX64.match(v):
+            raise BadRequest(f"bootstrap: {label} must be 64 lowercase hex characters")
+    if st.server_id:
+        if (st.server_id, st.cluster_id) != (sid, cid):
+            raise BadRequest("bootstrap: the cluster is already bootstrapped with other ids")
+        return {}
+    st.server_id, st.cluster_id = sid, cid
+    return {}
+
+
+def tick(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
+    result = expire_due(st, now)
+    if result["requeued"] or result["failed"]:
+        st.applied_changes += 1
+    return result
+
+
+INTERNAL: dict[str, InternalHandler] = {"bootstrap": bootstrap, "tick": tick}

@@ -1,0 +1,42 @@
+"""The process lifecycle as data: (state, event) -> next state.
+
+Every state change of a process goes through `next_state`, so this table is the whole truth
+about which transitions exist; tests and docs read it too. A pair that is not in the table is
+an illegal transition and is refused with 400 before anything changes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from protocol.errors import BadRequest
+from protocol.messages import FAILED, RUNNING, STATE_NAMES, SUCCESS, WAITING
+
+
+class Event(StrEnum):
+    ASSIGN = "assign"  # an executor pulled the process
+    CLOSE_SUCCESS = "close successful"  # the assigned executor closed the current attempt
+    CLOSE_FAILED = "close failed"
+    EXEC_TIMEOUT_REQUEUE = "exec timeout, retries left"  # back to the queue, retries + 1
+    EXEC_TIMEOUT_FAIL = "exec timeout, no retries left"
+    WAIT_TIMEOUT = "wait timeout"  # waited longer than maxwaittime
+    EXECUTOR_REMOVED = "executor removed"  # back to the queue, retries unchanged
+
+
+TRANSITIONS: dict[tuple[int, Event], int] = {
+    (WAITING, Event.ASSIGN): RUNNING,
+    (WAITING, Event.WAIT_TIMEOUT): FAILED,
+    (RUNNING, Event.CLOSE_SUCCESS): SUCCESS,
+    (RUNNING, Event.CLOSE_FAILED): FAILED,
+    (RUNNING, Event.EXEC_TIMEOUT_REQUEUE): WAITING,
+    (RUNNING, Event.EXEC_TIMEOUT_FAIL): FAILED,
+    (RUNNING, Event.EXECUTOR_REMOVED): WAITING,
+}
+
+
+def next_state(state: int, event: Event) -> int:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        shown = STATE_NAMES.get(state, str(state))
+        raise BadRequest(f"a {shown} process cannot take the event '{event.value}'") from None

@@ -1,0 +1,168 @@
+"""ColonyMachine: the deterministic colony state machine that Raft replicates.
+
+Every replica applies the same log entries (batches of commands stamped with the leader's
+time) in the same order and gets the same state and the same results. Hence, in this package:
+no clock reads, no randomness, no iteration over unordered containers; time comes only from
+the entry's `now`, and never runs backwards (now = max(now, last applied now)).
+
+Command formats (what the log holds):
+  client write: {"op": msgtype, "caller": 64-hex id, "nonce": bytes, "expiry": unix ms,
+                 "body": body, "gen": 64-hex id drawn by the proposing node}
+  internal:     {"op": "bootstrap", "serverid": 64-hex, "clusterid": 64-hex}
+                {"op": "tick"}   (apply every exec/wait deadline <= now)
+
+Nonces: a client write whose (caller, nonce) was seen within its expiry window is refused
+(ReplayedEnvelope), one whose expiry has passed likewise (ExpiredEnvelope). Every other write
+that reaches the log consumes its nonce whatever its outcome, including a refusal: a signed
+request is single-use, so a captured request that was refused (say, before its executor was
+approved) cannot be replayed later to take effect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from consensus import canonical, roles
+from consensus.commands import INTERNAL, WRITES
+from consensus.queries import READS
+from consensus.request import Request
+from consensus.state import ColonyState
+from protocol.errors import BadRequest, ColoniesError, UnknownMessageType
+from protocol.messages import APPROVED, message_type, validate_body
+from protocol.schema import HEX64
+
+MAX_NONCE_BYTES = 64
+MAX_ERROR_CHARS = 500
+_INT64_MAX = 2**63 - 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class ColonyMachine:
+    def __init__(self) -> None:
+        self._st = ColonyState()
+
+    # Identity of the cluster (fixed by the bootstrap command).
+
+    @property
+    def server_id(self) -> str:
+        return self._st.server_id
+
+    @property
+    def cluster_id(self) -> str:
+        return self._st.cluster_id
+
+    @property
+    def applied_changes(self) -> int:
+        """Bumped by every applied change that could make a process assignable (or change
+        who may be assigned): the node wakes its long-pollers when it moves."""
+        return self._st.applied_changes
+
+    # Applying the log.
+
+    def apply_batch(self, batch: bytes) -> list[list]:
+        """Apply one log entry; one [status, value] per command. Never raises."""
+        try:
+            decoded = msgpack.unpackb(batch, raw=False)
+        except Exception:
+            return []
+        if not isinstance(decoded, dict) or not isinstance(decoded.get("cmds"), list):
+            return []
+        cmds: list = decoded["cmds"]
+        now = decoded.get("now")
+        if not _is_int(now) or not 0 <= now <= _INT64_MAX:
+            return [[500, "malformed batch: 'now' must be an int64 of unix ns"] for _ in cmds]
+        return [self._apply_one(cmd, now) for cmd in cmds]
+
+    def _apply_one(self, cmd: Any, now: int) -> list:
+        try:
+            return [200, self.apply(cmd, now)]
+        except ColoniesError as e:
+            return [e.status, e.message]
+        except Exception as e:
+            # A bug, not input. Every replica hits it at the same point (determinism), so the
+            # replicas still agree; handlers check before they mutate, so nothing is half done.
+            return [500, f"internal error: {type(e).__name__}: {e}"[:MAX_ERROR_CHARS]]
+
+    def apply(self, cmd: dict, now: int) -> object:
+        """Apply one command at leader time `now` (ns). Raises ColoniesError on refusal."""
+        st = self._st
+        if not isinstance(cmd, dict):
+            raise BadRequest("a command must be a map")
+        if not _is_int(now):
+            raise BadRequest("the command time must be an integer")
+        now = max(now, st.last_now)
+        st.last_now = now
+        op = cmd.get("op")
+        if isinstance(op, str) and op in INTERNAL:
+            return INTERNAL[op](st, cmd, now)
+        handler = WRITES.get(op) if isinstance(op, str) else None
+        if handler is None:
+            shown = op[:64] if isinstance(op, str) else type(op).__name__
+            raise BadRequest(f"unknown command op: {shown}")
+        caller, nonce, expiry = cmd.get("caller"), cmd.get("nonce"), cmd.get("expiry")
+        if not isinstance(caller, str) or not HEX64.match(caller):
+            raise BadRequest("command caller must be a 64-hex id")
+        if not isinstance(nonce, bytes) or not 1 <= len(nonce) <= MAX_NONCE_BYTES:
+            raise BadRequest(f"command nonce must be 1-{MAX_NONCE_BYTES} bytes")
+        if not _is_int(expiry) or not 0 <= expiry <= _INT64_MAX:
+            raise BadRequest("command expiry must be an int64 of unix ms")
+        now_ms = now // 1_000_000
+        st.nonces.prune(now_ms)
+        st.nonces.check(caller, nonce, expiry, now_ms)
+        st.nonces.remember(caller, nonce, expiry)  # consumed from here on, whatever the outcome
+        body = validate_body(op, cmd.get("body"))
+        roles.authorize(st, op, caller, body)
+        gen = cmd.get("gen")
+        return handler(st, Request(caller, body, gen if isinstance(gen, str) else ""), now)
+
+    # Reads and pre-checks (never change the state).
+
+    def read(self, msgtype: str, caller: str, body: dict, now: int) -> object:
+        mt = message_type(msgtype)
+        query = READS.get(msgtype)
+        if query is None:
+            if mt.write:
+                raise BadRequest(f"{msgtype} is a write: it goes through the log")
+            raise UnknownMessageType(f"{msgtype} is not answered by the state machine")
+        body = validate_body(msgtype, body)
+        roles.authorize(self._st, msgtype, caller, body)
+        return query(self._st, Request(caller, body))
+
+    def authorize(self, msgtype: str, caller: str, body: dict) -> None:
+        """Pre-check of a message's role rule against the current state (the node calls it
+        before proposing a write; apply checks again)."""
+        message_type(msgtype)
+        roles.authorize(self._st, msgtype, caller, validate_body(msgtype, body))
+
+    def assignable(self, colonyname: str, executor_id: str) -> bool:
+        """Would an assign by this executor find a process right now? O(log n)."""
+        ex = self._st.executors.get(executor_id)
+        if ex is None or ex.colonyname != colonyname or ex.state != APPROVED:
+            return False
+        return self._st.queue.peek(ex.colonyname, ex.executortype, ex.executorname) is not None
+
+    def next_deadline(self) -> int | None:
+        """The earliest pending exec or wait deadline (unix ns), or None."""
+        return self._st.deadlines.next()
+
+    # Snapshots.
+
+    def snapshot(self) -> dict:
+        """The whole state as plain msgpack-able data. Shares immutable parts (specs, outputs)
+        with the live state: encode it before handing it anywhere that might mutate it."""
+        return self._st.to_snapshot()
+
+    @classmethod
+    def restore(cls, data: dict) -> ColonyMachine:
+        m = cls()
+        m._st = ColonyState.from_snapshot(data)
+        return m
+
+    def digest(self) -> str:
+        """sha3-256 hex of the canonical encoding of snapshot(): equal on converged replicas."""
+        return canonical.digest(self.snapshot())

@@ -1,0 +1,70 @@
+"""The read messages, answered from the local replica. They never change the state.
+
+The machine has validated the body and checked the role rule (roles.py) before a handler
+runs. Lists come back in a stable order: colonies and executors by name, processes by
+submission order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from consensus.listing import ALL_STATES
+from consensus.request import Request
+from consensus.state import ColonyState
+
+Query = Callable[[ColonyState, Request], Any]
+
+
+def get_statistics(st: ColonyState, req: Request) -> Any:
+    return st.statistics()
+
+
+def get_colonies(st: ColonyState, req: Request) -> Any:
+    return [st.colonies[n].to_wire() for n in sorted(st.colonies)]
+
+
+def get_colony(st: ColonyState, req: Request) -> Any:
+    return st.colony(req.body["colonyname"]).to_wire()
+
+
+def get_colony_stats(st: ColonyState, req: Request) -> Any:
+    return st.colony_statistics(st.colony(req.body["colonyname"]).name)
+
+
+def get_executors(st: ColonyState, req: Request) -> Any:
+    names = st.colony_executors[req.body["colonyname"]]
+    return [st.executors[names[n]].to_wire() for n in sorted(names)]
+
+
+def get_executor(st: ColonyState, req: Request) -> Any:
+    return st.executor_named(req.body["colonyname"], req.body["executorname"]).to_wire()
+
+
+def get_process(st: ColonyState, req: Request) -> Any:
+    return st.process(req.body["processid"]).to_wire()
+
+
+def get_processes(st: ColonyState, req: Request) -> Any:
+    b = req.body
+    states = ALL_STATES if b["state"] == -1 else (b["state"],)
+    ids = st.listing.page(b["colonyname"], states, b["executortype"], b["count"])
+    return [st.processes[pid].to_wire() for pid in ids]
+
+
+def get_attribute(st: ColonyState, req: Request) -> Any:
+    return st.attribute(req.body["attributeid"]).to_wire()
+
+
+READS: dict[str, Query] = {
+    "getstatisticsmsg": get_statistics,
+    "getcoloniesmsg": get_colonies,
+    "getcolonymsg": get_colony,
+    "getcolonystatsmsg": get_colony_stats,
+    "getexecutorsmsg": get_executors,
+    "getexecutormsg": get_executor,
+    "getprocessmsg": get_process,
+    "getprocessesmsg": get_processes,
+    "getattributemsg": get_attribute,
+}

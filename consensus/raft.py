@@ -1,0 +1,489 @@
+"""The colony state machine behind PySyncObj 0.3.17, with no pickle for application state.
+
+PySyncObj is used as a Raft log and nothing more:
+
+* Log commands are our own bytes, ``_COMMAND_TYPE.REGULAR`` + a msgpack batch
+  ``{"now": ns, "cmds": [...]}``. They are proposed with ``_applyCommand`` (not ``@replicated``,
+  which would pickle ``(funcID, args, kwargs)``) and applied by overriding the name-mangled
+  ``_SyncObj__doApplyCommand``: ``SyncObj.__applyLogEntries`` calls
+  ``self.__doApplyCommand(...)``, which Python compiles to ``self._SyncObj__doApplyCommand``,
+  so the attribute lookup finds this subclass's method, for live commits and for journal
+  replay after a restart alike (it is the only call site). NO_OP, MEMBERSHIP and VERSION
+  entries still go to PySyncObj's own implementation.
+* Snapshots (``fullDumpFile``) are written by a custom ``serializer``: one msgpack map holding
+  the machine's ``snapshot()``, its digest, and the Raft part PySyncObj hands over (the last
+  two applied entries and the member ids). PySyncObj's own format is a gzip-pickled
+  ``__dict__``; with a custom serializer it passes ``data=None`` for the object part and never
+  reads ``__dict__``. The dump file is also what a leader streams to a lagging follower, so
+  followers install snapshots without unpickling either.
+* Both ``journalFile`` and ``fullDumpFile`` are on: a journal alone is unrecoverable once
+  compaction has cut its prefix, a dump alone loses what came after it (stack-probe §1.3).
+
+Everything here is synchronous and runs in whatever thread calls ``doTick`` (the trio thread,
+see ``node/replicator.py``). Hooks and callbacks run inside ``doTick``: they must not block,
+and must not raise, because PySyncObj re-applies an entry whose apply step raised (state
+divergence), so every call out of this module into user code is wrapped.
+
+PySyncObj's remaining pickle paths are its own: MEMBERSHIP and VERSION commands, and the
+chunked transfer of a single entry >= ``appendEntriesBatchSizeBytes``. The last one is kept
+unreachable for our batches by ``MAX_ENTRY_BYTES`` (``propose`` refuses anything bigger); the
+first two need the transport's restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.node import Node
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+from pysyncobj.transport import Transport
+
+log = logging.getLogger("colonies.raft")
+
+JOURNAL_FILE = "raft.journal"
+DUMP_FILE = "raft.dump"
+LOCK_FILE = "raft.lock"
+DUMP_FORMAT = 1
+
+# A single log entry at or above PySyncObj's appendEntriesBatchSizeBytes is sent to followers
+# as pickle.dumps(entry) in chunks, and unpickled there. Entries must stay below it; the wire
+# frame limit of the transport must allow about twice this (a batch of entries plus one more).
+MAX_ENTRY_BYTES = 2 * 1024 * 1024
+
+_REGULAR = bytes([_COMMAND_TYPE.REGULAR])
+_Entry = tuple[bytes, int, int]  # a PySyncObj log entry: (command, index, term)
+_STATE_NAMES = {
+    _RAFT_STATE.FOLLOWER: "follower",
+    _RAFT_STATE.CANDIDATE: "candidate",
+    _RAFT_STATE.LEADER: "leader",
+}
+
+
+class StateMachine(Protocol):
+    """What the adapter needs from ``consensus.machine.ColonyMachine``."""
+
+    def apply_batch(self, batch: bytes) -> list[list[Any]]: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def restore(cls, data: dict[str, Any]) -> StateMachine: ...
+
+    def digest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RaftTimeouts:
+    """Seconds. PySyncObj asserts ``min_timeout > 3 * append_entries_period`` (a bare assert,
+    skipped under ``python -O``, so it is checked again here)."""
+
+    append_entries_period: float
+    min_timeout: float
+    max_timeout: float
+
+    def __post_init__(self) -> None:
+        if not 0 < 3 * self.append_entries_period < self.min_timeout < self.max_timeout:
+            raise ValueError(
+                f"raft timeouts need 0 < 3*append_entries_period < min < max, got {self}"
+            )
+
+
+# Nobody else can lead a one-node group, so it may elect itself almost at once (its first
+# election waits min..max after construction); this is what makes a solo node start fast.
+SOLO_TIMEOUTS = RaftTimeouts(append_entries_period=0.01, min_timeout=0.04, max_timeout=0.06)
+# PySyncObj's defaults: failover in about 0.5-0.7 s. Tighter values (0.15/0.3) churned leaders
+# under load on a 2-core box (stack-probe §2.4).
+GROUP_TIMEOUTS = RaftTimeouts(append_entries_period=0.1, min_timeout=0.4, max_timeout=1.4)
+
+
+class CorruptRaftState(RuntimeError):
+    """The dump on disk (or one sent by the leader) cannot be loaded. PySyncObj only logs
+    this and carries on with a log that starts after the snapshot, i.e. stuck or diverged,
+    so the replicator stops the node instead."""
+
+
+class NullTransport(Transport):
+    """The transport of a one-node group: always ready, no peers, every send fails.
+
+    ``ready`` must be True from the start: with ``autoTick=False`` the SyncObj constructor
+    busy-loops on ``tryGetReady()`` until it is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(None, None, [])
+
+    def tryGetReady(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def waitReady(self) -> None:
+        pass
+
+    def addNode(self, node: Node) -> None:
+        log.warning("raft member %s added, but this node has no transport to reach it", node)
+
+    def dropNode(self, node: Node) -> None:
+        pass
+
+    def send(self, node: Node, message: Any) -> bool:
+        return False
+
+    def destroy(self) -> None:
+        pass
+
+
+def encode_dump(
+    machine_snapshot: dict[str, Any],
+    digest: str,
+    last: Sequence[Any],
+    prev: Sequence[Any],
+    member_ids: Sequence[str],
+) -> bytes:
+    """The msgpack dump: the machine plus the Raft part PySyncObj needs back on load."""
+    return msgpack.packb(
+        {
+            "format": DUMP_FORMAT,
+            "last": list(last),
+            "prev": list(prev),
+            "members": sorted(member_ids),
+            "digest": digest,
+            "machine": machine_snapshot,
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_dump(blob: bytes) -> dict[str, Any]:
+    """Parses and checks the shape of a dump; raises CorruptRaftState on anything else."""
+    try:
+        # strict_map_key=False: the machine's snapshot may use int keys.
+        data = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise CorruptRaftState(f"raft dump is not msgpack: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != DUMP_FORMAT:
+        raise CorruptRaftState("raft dump has an unknown format")
+    for key in ("last", "prev"):
+        entry = data.get(key)
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], bytes)
+            and isinstance(entry[1], int)
+            and isinstance(entry[2], int)
+        ):
+            raise CorruptRaftState(f"raft dump has a malformed {key!r} entry")
+    members = data.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise CorruptRaftState("raft dump has malformed members")
+    if not isinstance(data.get("machine"), dict) or not isinstance(data.get("digest"), str):
+        raise CorruptRaftState("raft dump has no machine snapshot")
+    return data
+
+
+def _error_results(batch: bytes, message: str) -> list[list[Any]]:
+    """One [500, message] per command of a batch, for an apply that raised."""
+    try:
+        count = len(msgpack.unpackb(batch, raw=False, strict_map_key=False)["cmds"])
+    except Exception:
+        count = 0
+    return [[500, message] for _ in range(count)]
+
+
+class ReplicatedColony(SyncObj):
+    """One replica of the colony state: a PySyncObj node whose log carries msgpack batches.
+
+    Never ticks by itself (``autoTick=False``): the owner calls ``doTick(0)``. Read the state
+    through ``machine`` every time, since loading a snapshot replaces the object.
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        partner_ids: Sequence[str],
+        data_dir: str | os.PathLike[str],
+        machine: StateMachine | None = None,
+        *,
+        transport: Transport | None = None,
+        on_applied: Callable[[], None] | None = None,
+        timeouts: RaftTimeouts | None = None,
+        log_compaction_min_entries: int = 5000,
+        log_compaction_min_time: float = 300.0,
+    ) -> None:
+        partners = [p for p in dict.fromkeys(partner_ids) if p != self_id]
+        if transport is None:
+            if partners:
+                # PySyncObj's default TCPTransport speaks unauthenticated pickle.
+                raise ValueError("a raft group with partners needs a transport")
+            transport = NullTransport()
+        if machine is None:
+            from consensus.machine import ColonyMachine
+
+            machine = ColonyMachine()
+        if timeouts is None:
+            timeouts = GROUP_TIMEOUTS if partners else SOLO_TIMEOUTS
+
+        directory = Path(data_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Helpers go before super().__init__() (the notes' state-capture rule): nothing of the
+        # application lives in what PySyncObj would snapshot, and the serializer callbacks below
+        # need them as soon as PySyncObj exists.
+        self._machine: StateMachine = machine
+        self._on_applied = on_applied
+        self._self_id = self_id
+        self._fatal_error: str | None = None
+        self._closed = False
+        self._data_dir = directory
+        self._lock_fd = _lock_data_dir(directory / LOCK_FILE)
+
+        conf = SyncObjConf(
+            autoTick=False,
+            appendEntriesUseBatch=False,
+            useFork=False,  # forking a trio process is unsafe; snapshots are written inline
+            dynamicMembershipChange=True,
+            journalFile=str(directory / JOURNAL_FILE),
+            fullDumpFile=str(directory / DUMP_FILE),
+            connectionRetryTime=0.5,
+            appendEntriesPeriod=timeouts.append_entries_period,
+            raftMinTimeout=timeouts.min_timeout,
+            raftMaxTimeout=timeouts.max_timeout,
+            appendEntriesBatchSizeBytes=MAX_ENTRY_BYTES,
+            logCompactionMinEntries=log_compaction_min_entries,
+            logCompactionMinTime=log_compaction_min_time,
+            serializer=self._write_dump,
+            deserializer=self._read_dump,
+        )
+        try:
+            super().__init__(
+                Node(self_id),
+                [Node(p) for p in partners],
+                conf,
+                # Ids are libp2p peer ids, not host:port, so never TCPNode (which parses them).
+                nodeClass=Node,
+                transport=transport,
+            )
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # --- the state ---------------------------------------------------------------------------
+
+    @property
+    def machine(self) -> StateMachine:
+        """The current machine; replaced when a snapshot is loaded, so never cache it."""
+        return self._machine
+
+    @property
+    def on_applied(self) -> Callable[[], None] | None:
+        return self._on_applied
+
+    @on_applied.setter
+    def on_applied(self, hook: Callable[[], None] | None) -> None:
+        self._on_applied = hook
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Set when the state cannot be trusted any more (a dump failed to load)."""
+        return self._fatal_error
+
+    # --- status (these properties are also read by SyncObj.__init__'s dir() scan, so they
+    # --- may only touch attributes PySyncObj sets early; getStatus() is not one of them) ------
+
+    @property
+    def self_id(self) -> str:
+        return self._self_id
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(self._isLeader())
+
+    @property
+    def leader_id(self) -> str | None:
+        leader = self._getLeader()
+        return None if leader is None else str(leader.id)
+
+    @property
+    def term(self) -> int:
+        return int(self.raftCurrentTerm)
+
+    @property
+    def commit_index(self) -> int:
+        return int(self.raftCommitIndex)
+
+    @property
+    def last_applied(self) -> int:
+        return int(self.raftLastApplied)
+
+    @property
+    def member_ids(self) -> list[str]:
+        return sorted([self.selfNode.id, *(n.id for n in self.otherNodes)])
+
+    @property
+    def caught_up(self) -> bool:
+        """A leader is known and this replica has applied what that leader had committed
+        when it first heard from it (PySyncObj's isReady)."""
+        return self._getLeader() is not None and bool(self.isReady())
+
+    def status(self) -> dict[str, Any]:
+        """A msgpack-able view of PySyncObj's getStatus()."""
+        s = self.getStatus()
+        return {
+            "self": self._self_id,
+            "state": _STATE_NAMES.get(s["state"], str(s["state"])),
+            "leader": self.leader_id,
+            "term": s["raft_term"],
+            "commit_index": s["commit_idx"],
+            "last_applied": s["last_applied"],
+            "log_len": s["log_len"],
+            "has_quorum": s["has_quorum"],
+            "members": self.member_ids,
+            "connected": sorted(
+                n.id for n in self.otherNodes if s.get(f"partner_node_status_server_{n.id}") == 2
+            ),
+            "caught_up": self.caught_up,
+        }
+
+    # --- proposals ---------------------------------------------------------------------------
+
+    def propose(self, batch: bytes, callback: Callable[[Any, int], None]) -> None:
+        """Queue a msgpack batch for the log. ``callback(results, FAIL_REASON)`` runs later
+        inside ``doTick`` on this node, or at once on QUEUE_FULL. It is wrapped so that it
+        cannot raise into PySyncObj."""
+        if len(batch) + 1 >= MAX_ENTRY_BYTES:
+            raise ValueError(f"raft batch of {len(batch)} bytes exceeds {MAX_ENTRY_BYTES}")
+
+        def guarded(result: Any, error: int) -> None:
+            try:
+                callback(result, error)
+            except Exception:
+                log.exception("raft proposal callback raised (ignored)")
+
+        try:
+            self._applyCommand(batch, guarded, _COMMAND_TYPE.REGULAR)
+        except BlockingIOError:
+            # The command is already queued; only PySyncObj's wake-up pipe for its own poller
+            # was full, and our ticker does not rely on that pipe.
+            pass
+
+    # --- apply (the override PySyncObj calls for every committed entry) -----------------------
+
+    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+        if command[:1] != _REGULAR:
+            return SyncObj._SyncObj__doApplyCommand(self, command)
+        batch = bytes(command[1:])
+        try:
+            results = self._machine.apply_batch(batch)
+        except Exception:
+            # The machine promises never to raise. If it does anyway, answer every command with
+            # 500 rather than let PySyncObj re-apply the entry (a partial apply twice).
+            log.critical("state machine raised applying a batch; answering 500", exc_info=True)
+            results = _error_results(batch, "internal error while applying the command")
+        self._notify_applied()
+        return results
+
+    def _notify_applied(self) -> None:
+        hook = self._on_applied
+        if hook is None:
+            return
+        try:
+            hook()
+        except Exception:
+            log.exception("on_applied hook raised (ignored)")
+
+    # --- snapshots (called by PySyncObj's Serializer) ----------------------------------------
+
+    def _write_dump(self, path: str, raft_part: tuple[Any, ...]) -> None:
+        """``raft_part`` = (last applied entry, the one before it, set of member Nodes).
+        PySyncObj writes ``path`` (= dump + '.tmp') and renames it over the dump itself."""
+        try:
+            last, prev, cluster = raft_part
+            machine = self._machine
+            blob = encode_dump(
+                machine.snapshot(), machine.digest(), last, prev, [n.id for n in cluster]
+            )
+            with open(path, "wb") as f:
+                f.write(blob)
+                f.flush()
+                # The journal is cut right after this: the dump must be on disk before that.
+                os.fsync(f.fileno())
+        except Exception:
+            # PySyncObj only logs "Failed to store full dump" and keeps the journal, which is
+            # safe; say why here.
+            log.exception("writing the raft dump failed; the journal is kept")
+            raise
+
+    def _read_dump(self, path: str) -> tuple[_Entry, _Entry, set[Node]]:
+        """Returns what PySyncObj stored, shaped as it compares it: entries must be tuples
+        (bytes, idx, term), because ``__loadDumpFile`` clears the journal when its first two
+        entries differ from them (a list never equals a tuple: that would drop every entry
+        written after the snapshot)."""
+        try:
+            with open(path, "rb") as f:
+                data = decode_dump(f.read())
+            machine = type(self._machine).restore(data["machine"])
+            if machine.digest() != data["digest"]:
+                raise CorruptRaftState("raft dump digest does not match the restored state")
+        except Exception as e:
+            self._fatal_error = f"cannot load raft dump {path}: {e}"
+            log.critical(self._fatal_error, exc_info=True)
+            raise
+        self._machine = machine
+        self._notify_applied()
+        last, prev = data["last"], data["prev"]
+        return (
+            (last[0], last[1], last[2]),
+            (prev[0], prev[1], prev[2]),
+            {Node(i) for i in data["members"]},
+        )
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush and close the journal, release the data dir. Idempotent; no tick after it."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # PySyncObj stores the commit index once a second; store it now so a restart can
+            # apply the whole journal before it hears from a leader.
+            self._SyncObj__raftLog.onOneSecondTimer()
+        except Exception:
+            log.exception("storing the raft journal meta failed")
+        try:
+            self.destroy()  # autoTick=False: transport.destroy() + journal mmap flush and close
+        finally:
+            self._close_wakeup_pipe()
+            os.close(self._lock_fd)
+
+    def _close_wakeup_pipe(self) -> None:
+        # PySyncObj never closes the pipe it creates in nobatch mode: 2 fds per instance.
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        for name in ("_PipeNotifier__pipeR", "_PipeNotifier__pipeW"):
+            fd = getattr(notifier, name, None)
+            if isinstance(fd, int):
+                try:
+                    self._poller.unsubscribe(fd)
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _lock_data_dir(path: Path) -> int:
+    """Two replicas on one journal corrupt it silently; make that a clear error instead."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"raft data dir {path.parent} is in use by another replica") from None
+    return fd

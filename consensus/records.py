@@ -1,0 +1,220 @@
+"""State records: colonies, executors, processes and attributes as the machine keeps them.
+
+Each record converts to its Colonies (HEAD) JSON shape with `to_wire()` and back from the
+snapshot form with `from_snapshot()`. `to_wire()` always builds a fresh dict, so a reply
+handed to the node never changes when the machine later mutates the record. Sub-structures
+the machine never mutates in place (the spec, the in/out/errors lists, attribute values) are
+shared with the reply rather than copied, to keep reads cheap: callers must treat replies as
+read-only.
+
+All times are int unix nanoseconds; 0 means unset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.messages import WAITING
+
+# The largest time we store: deadlines are clamped here so every int stays msgpack-able
+# (int64) however large a client's maxwaittime/maxexectime is.
+MAX_TIME_NS = 2**63 - 1
+NS_PER_S = 1_000_000_000
+NS_PER_DAY = 86_400 * NS_PER_S
+
+
+def deadline_after(now: int, seconds: int) -> int:
+    """`now + seconds`, in ns, clamped to int64 (0 = no deadline when seconds <= 0)."""
+    if seconds <= 0:
+        return 0
+    return min(now + seconds * NS_PER_S, MAX_TIME_NS)
+
+
+@dataclass(frozen=True, slots=True)
+class Colony:
+    colonyid: str  # the ID of the colony owner's key
+    name: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"colonyid": self.colonyid, "name": self.name}
+
+    @classmethod
+    def from_snapshot(cls, d: dict[str, Any]) -> Colony:
+        return cls(colonyid=d["colonyid"], name=d["name"])
+
+
+@dataclass(slots=True)
+class Executor:
+    executorid: str
+    executortype: str
+    executorname: str
+    colonyname: str
+    state: int
+    commissiontime: int
+    lastheardfromtime: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "executorid": self.executorid,
+            "executortype": self.executortype,
+            "executorname": self.executorname,
+            "colonyname": self.colonyname,
+            "state": self.state,
+            "commissiontime": self.commissiontime,
+            "lastheardfromtime": self.lastheardfromtime,
+        }
+
+    @classmethod
+    def from_snapshot(cls, d: dict[str, Any]) -> Executor:
+        return cls(
+            executorid=d["executorid"],
+            executortype=d["executortype"],
+            executorname=d["executorname"],
+            colonyname=d["colonyname"],
+            state=d["state"],
+            commissiontime=d["commissiontime"],
+            lastheardfromtime=d["lastheardfromtime"],
+        )
+
+
+def attribute_id(targetid: str, key: str, attributetype: int) -> str:
+    """Deterministic, as in Colonies: the same key and type on one target collide."""
+    return hashlib.sha3_256((targetid + key + str(attributetype)).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    attributeid: str
+    targetid: str
+    targetcolonyname: str
+    attributetype: int
+    key: str
+    value: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "attributeid": self.attributeid,
+            "targetid": self.targetid,
+            "targetcolonyname": self.targetcolonyname,
+            "attributetype": self.attributetype,
+            "key": self.key,
+            "value": self.value,
+        }
+
+    @classmethod
+    def from_snapshot(cls, d: dict[str, Any]) -> Attribute:
+        return cls(
+            attributeid=d["attributeid"],
+            targetid=d["targetid"],
+            targetcolonyname=d["targetcolonyname"],
+            attributetype=d["attributetype"],
+            key=d["key"],
+            value=d["value"],
+        )
+
+
+# The (prioritytime, submission sequence, processid) order the assign queue serves.
+QueueKey = tuple[int, int, str]
+
+
+@dataclass(slots=True)
+class Process:
+    processid: str
+    seq: int  # submission sequence number: the tie-break after prioritytime, never reused
+    spec: dict[str, Any]
+    initiatorid: str
+    initiatorname: str
+    submissiontime: int
+    prioritytime: int
+    state: int = WAITING
+    assignedexecutorid: str = ""
+    isassigned: bool = False
+    starttime: int = 0
+    endtime: int = 0
+    waitdeadline: int = 0
+    execdeadline: int = 0
+    retries: int = 0
+    # The current (or last) attempt number; 0 before the first assign. A close must name it.
+    attempt: int = 0
+    attributes: list[Attribute] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)
+    out: list[Any] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def colonyname(self) -> str:
+        return self.spec["conditions"]["colonyname"]
+
+    @property
+    def executortype(self) -> str:
+        return self.spec["conditions"]["executortype"]
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        """The executor names this process is reserved for (empty = any), deduplicated."""
+        return tuple(dict.fromkeys(self.spec["conditions"]["executornames"]))
+
+    @property
+    def queue_key(self) -> QueueKey:
+        return (self.prioritytime, self.seq, self.processid)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "processid": self.processid,
+            "initiatorid": self.initiatorid,
+            "initiatorname": self.initiatorname,
+            "assignedexecutorid": self.assignedexecutorid,
+            "isassigned": self.isassigned,
+            "state": self.state,
+            "prioritytime": self.prioritytime,
+            "submissiontime": self.submissiontime,
+            "starttime": self.starttime,
+            "endtime": self.endtime,
+            "waitdeadline": self.waitdeadline,
+            "execdeadline": self.execdeadline,
+            "retries": self.retries,
+            "attempt": self.attempt,
+            "attributes": [a.to_wire() for a in self.attributes],
+            "spec": self.spec,
+            "in": self.inputs,
+            "out": self.out,
+            "errors": self.errors,
+            # Workflows are not built yet; the fields are here so clients that require
+            # them (pycolonies) accept our processes.
+            "waitforparents": False,
+            "parents": [],
+            "children": [],
+            "processgraphid": "",
+        }
+
+    def to_snapshot(self) -> dict[str, Any]:
+        d = self.to_wire()
+        d["seq"] = self.seq
+        return d
+
+    @classmethod
+    def from_snapshot(cls, d: dict[str, Any]) -> Process:
+        return cls(
+            processid=d["processid"],
+            seq=d["seq"],
+            spec=d["spec"],
+            initiatorid=d["initiatorid"],
+            initiatorname=d["initiatorname"],
+            submissiontime=d["submissiontime"],
+            prioritytime=d["prioritytime"],
+            state=d["state"],
+            assignedexecutorid=d["assignedexecutorid"],
+            isassigned=d["isassigned"],
+            starttime=d["starttime"],
+            endtime=d["endtime"],
+            waitdeadline=d["waitdeadline"],
+            execdeadline=d["execdeadline"],
+            retries=d["retries"],
+            attempt=d["attempt"],
+            attributes=[Attribute.from_snapshot(a) for a in d["attributes"]],
+            inputs=list(d["in"]),
+            out=list(d["out"]),
+            errors=list(d["errors"]),
+        )

@@ -1,0 +1,171 @@
+"""Who may send which message: the role rules of Colonies (semantics notes 1.0 and 3.3).
+
+One table, `RULES`, maps every message type the machine serves to a rule. The node checks a
+write's rule before proposing it and the machine checks it again when applying (the state may
+have changed in between); reads are checked when answered.
+
+Order of checks: the object the call names must exist (404: colony, process, attribute), then
+the caller must hold the role (403). Business checks (400) come after, in the handlers.
+
+Symbols, as in the semantics notes: SO server owner, CO colony owner, M member in any state,
+M✓ approved member, A the executor assigned to the process. Members are executors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from consensus.state import ColonyState
+from protocol.errors import AccessDenied, UnknownMessageType
+from protocol.messages import APPROVED
+
+Body = dict[str, Any]
+ColonyOf = Callable[[ColonyState, Body], str]
+Check = Callable[[ColonyState, str, Body], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    symbol: str  # for docs and tests, e.g. "M✓|CO"
+    check: Check
+
+
+# Which colony a message is about.
+
+
+def named_colony(name: str) -> ColonyOf:
+    return lambda st, body: st.colony(body[name]).name
+
+
+def executor_colony(st: ColonyState, body: Body) -> str:
+    return st.colony(body["executor"]["colonyname"]).name
+
+
+def spec_colony(st: ColonyState, body: Body) -> str:
+    return st.colony(body["spec"]["conditions"]["colonyname"]).name
+
+
+def process_colony(st: ColonyState, body: Body) -> str:
+    return st.process(body["processid"]).colonyname
+
+
+def attribute_colony(st: ColonyState, body: Body) -> str:
+    return st.attribute(body["attributeid"]).targetcolonyname
+
+
+def process_id(body: Body) -> str:
+    return body["processid"]
+
+
+def attribute_target(body: Body) -> str:
+    return body["attribute"]["targetid"]
+
+
+# The roles.
+
+
+def is_colony_owner(st: ColonyState, caller: str, colony: str) -> bool:
+    return st.colonies[colony].colonyid == caller
+
+
+def is_member(st: ColonyState, caller: str, colony: str, approved: bool) -> bool:
+    ex = st.executors.get(caller)
+    return ex is not None and ex.colonyname == colony and (not approved or ex.state == APPROVED)
+
+
+def server_owner() -> Rule:
+    def check(st: ColonyState, caller: str, body: Body) -> None:
+        # An unbootstrapped server has no owner: nobody passes.
+        if not st.server_id or caller != st.server_id:
+            raise AccessDenied("access denied: only the server owner may do this")
+
+    return Rule("SO", check)
+
+
+def colony_owner(colony_of: ColonyOf) -> Rule:
+    def check(st: ColonyState, caller: str, body: Body) -> None:
+        colony = colony_of(st, body)
+        if not is_colony_owner(st, caller, colony):
+            raise AccessDenied(f"access denied: only the owner of colony '{colony}' may do this")
+
+    return Rule("CO", check)
+
+
+def member(colony_of: ColonyOf, approved: bool, or_owner: bool = False) -> Rule:
+    who = "an approved member" if approved else "a member"
+
+    def check(st: ColonyState, caller: str, body: Body) -> None:
+        colony = colony_of(st, body)
+        if is_member(st, caller, colony, approved):
+            return
+        if or_owner and is_colony_owner(st, caller, colony):
+            return
+        owner = " or its owner" if or_owner else ""
+        raise AccessDenied(f"access denied: the caller is not {who} of colony '{colony}'{owner}")
+
+    symbol = ("M✓" if approved else "M") + ("|CO" if or_owner else "")
+    return Rule(symbol, check)
+
+
+def assigned(process_of: Callable[[Body], str]) -> Rule:
+    """M✓ of the process's colony and its assigned executor (as Colonies: M✓ + A)."""
+
+    def check(st: ColonyState, caller: str, body: Body) -> None:
+        p = st.process(process_of(body))
+        if not is_member(st, caller, p.colonyname, approved=True):
+            raise AccessDenied(
+                f"access denied: the caller is not an approved member of colony '{p.colonyname}'"
+            )
+        if not (p.isassigned and p.assignedexecutorid == caller):
+            raise AccessDenied(
+                f"access denied: process {p.processid} is not assigned to the caller"
+            )
+
+    return Rule("M✓+A", check)
+
+
+def all_of(*rules: Rule) -> Rule:
+    def check(st: ColonyState, caller: str, body: Body) -> None:
+        for r in rules:
+            r.check(st, caller, body)
+
+    return Rule(" & ".join(r.symbol for r in rules), check)
+
+
+RULES: dict[str, Rule] = {
+    "getstatisticsmsg": server_owner(),
+    "addcolonymsg": server_owner(),
+    "removecolonymsg": server_owner(),
+    "getcoloniesmsg": server_owner(),
+    "getcolonymsg": member(named_colony("colonyname"), approved=True),
+    "getcolonystatsmsg": member(named_colony("colonyname"), approved=True, or_owner=True),
+    "addexecutormsg": colony_owner(executor_colony),
+    "approveexecutormsg": colony_owner(named_colony("colonyname")),
+    "rejectexecutormsg": colony_owner(named_colony("colonyname")),
+    "removeexecutormsg": colony_owner(named_colony("colonyname")),
+    "getexecutorsmsg": member(named_colony("colonyname"), approved=False, or_owner=True),
+    "getexecutormsg": member(named_colony("colonyname"), approved=True, or_owner=True),
+    "submitfuncspecmsg": member(spec_colony, approved=True),
+    "assignprocessmsg": member(named_colony("colonyname"), approved=True),
+    "closesuccessfulmsg": assigned(process_id),
+    "closefailedmsg": assigned(process_id),
+    # The close half needs A on the process, the assign half M✓ of the named colony; both
+    # are checked before either half runs, so a refusal changes nothing.
+    "closeassignmsg": all_of(assigned(process_id), member(named_colony("colonyname"), approved=True)),
+    "getprocessmsg": member(process_colony, approved=True),
+    "getprocessesmsg": member(named_colony("colonyname"), approved=True),
+    "removeprocessmsg": member(process_colony, approved=True),
+    "removeallprocessesmsg": colony_owner(named_colony("colonyname")),
+    "addattributemsg": assigned(attribute_target),
+    "getattributemsg": member(attribute_colony, approved=True),
+}
+
+
+def authorize(st: ColonyState, msgtype: str, caller: str, body: Body) -> None:
+    """Raise NotFound/AccessDenied unless `caller` may send `msgtype` with `body` now."""
+    rule = RULES.get(msgtype)
+    if rule is None:
+        raise UnknownMessageType(f"unknown message type: {msgtype[:64]}")
+    rule.check(st, caller, body)

@@ -1,0 +1,317 @@
+"""The Python SDK: an async client for every RPC, and a thin synchronous wrapper.
+
+    async with Client.connect(addr, prvkey) as client:
+        process = await client.submit("echo", args=["hello"], colonyname="dev",
+                                      executortype="echo")
+
+One connection can serve many identities: `client.with_key(other_key)` signs with another key
+over the same stream, which is how several executors in one process share a connection.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from node.connection import Connection
+from node.dispatch import DEFAULT_CALL_TIMEOUT_S
+from protocol.envelope import seal
+from protocol.errors import BadRequest
+from protocol.identity import PrivateKey
+from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
+
+ANY_AUDIENCE = "*"
+
+
+def _key(key: PrivateKey | str) -> PrivateKey:
+    return key if isinstance(key, PrivateKey) else PrivateKey.from_hex(key)
+
+
+class Client:
+    def __init__(self, conn: Connection, key: PrivateKey, cluster_id: str, info: dict) -> None:
+        self.conn = conn
+        self.key = key
+        self.cluster_id = cluster_id
+        self.server_info = info
+        self.timeout = DEFAULT_CALL_TIMEOUT_S
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, addr: str, key: PrivateKey | str, timeout: float = 10.0
+    ) -> AsyncIterator[Client]:
+        async with trio.open_nursery() as nursery:
+            conn = await Connection.open(nursery, addr, timeout)
+            try:
+                key = _key(key)
+                info = await conn.call(
+                    seal(key, "getserverinfomsg", {}, ANY_AUDIENCE, _now_ms()), timeout
+                )
+                yield cls(conn, key, info["clusterid"], info)
+            finally:
+                await conn.aclose()
+
+    def with_key(self, key: PrivateKey | str) -> Client:
+        return Client(self.conn, _key(key), self.cluster_id, self.server_info)
+
+    @property
+    def id(self) -> str:
+        return self.key.id
+
+    async def call(self, msgtype: str, body: dict, timeout: float | None = None) -> Any:
+        envelope = seal(self.key, msgtype, body, self.cluster_id, _now_ms())
+        return await self.conn.call(envelope, timeout or self.timeout)
+
+    # Server.
+    async def server_info_fresh(self) -> dict:
+        return await self.call("getserverinfomsg", {})
+
+    async def statistics(self) -> dict:
+        return await self.call("getstatisticsmsg", {})
+
+    # Colonies.
+    async def add_colony(self, colony_id: str, name: str) -> dict:
+        return await self.call("addcolonymsg", {"colony": {"colonyid": colony_id, "name": name}})
+
+    async def remove_colony(self, name: str) -> None:
+        await self.call("removecolonymsg", {"colonyname": name})
+
+    async def colonies(self) -> list[dict]:
+        return await self.call("getcoloniesmsg", {})
+
+    async def colony(self, name: str) -> dict:
+        return await self.call("getcolonymsg", {"colonyname": name})
+
+    async def colony_stats(self, name: str) -> dict:
+        return await self.call("getcolonystatsmsg", {"colonyname": name})
+
+    # Executors.
+    async def add_executor(
+        self, executor_id: str, name: str, executortype: str, colonyname: str
+    ) -> dict:
+        executor = {
+            "executorid": executor_id,
+            "executorname": name,
+            "executortype": executortype,
+            "colonyname": colonyname,
+        }
+        return await self.call("addexecutormsg", {"executor": executor})
+
+    async def approve_executor(self, colonyname: str, name: str) -> None:
+        await self.call("approveexecutormsg", {"colonyname": colonyname, "executorname": name})
+
+    async def reject_executor(self, colonyname: str, name: str) -> None:
+        await self.call("rejectexecutormsg", {"colonyname": colonyname, "executorname": name})
+
+    async def remove_executor(self, colonyname: str, name: str) -> None:
+        await self.call("removeexecutormsg", {"colonyname": colonyname, "executorname": name})
+
+    async def executors(self, colonyname: str) -> list[dict]:
+        return await self.call("getexecutorsmsg", {"colonyname": colonyname})
+
+    async def executor(self, colonyname: str, name: str) -> dict:
+        return await self.call("getexecutormsg", {"colonyname": colonyname, "executorname": name})
+
+    # Processes.
+    async def submit_spec(self, spec: dict) -> dict:
+        return await self.call("submitfuncspecmsg", {"spec": spec})
+
+    async def submit(
+        self,
+        funcname: str,
+        *,
+        colonyname: str,
+        executortype: str,
+        args: list | None = None,
+        kwargs: dict | None = None,
+        executornames: list[str] | None = None,
+        priority: int = 0,
+        maxwaittime: int = -1,
+        maxexectime: int = -1,
+        maxretries: int = -1,
+        env: dict[str, str] | None = None,
+        label: str = "",
+    ) -> dict:
+        return await self.submit_spec(
+            {
+                "funcname": funcname,
+                "args": list(args or []),
+                "kwargs": dict(kwargs or {}),
+                "priority": priority,
+                "maxwaittime": maxwaittime,
+                "maxexectime": maxexectime,
+                "maxretries": maxretries,
+                "label": label,
+                "env": dict(env or {}),
+                "conditions": {
+                    "colonyname": colonyname,
+                    "executortype": executortype,
+                    "executornames": list(executornames or []),
+                },
+            }
+        )
+
+    async def assign(self, colonyname: str, timeout: int = 10) -> dict:
+        """Wait up to `timeout` seconds (< 0: try once) for a process; NotFound if none."""
+        return await self.call(
+            "assignprocessmsg",
+            {"colonyname": colonyname, "timeout": timeout},
+            timeout=max(timeout, 0) + self.timeout,
+        )
+
+    async def close(self, process: dict, out: list | None = None) -> None:
+        await self.call(
+            "closesuccessfulmsg",
+            {"processid": process["processid"], "attempt": process["attempt"], "out": out or []},
+        )
+
+    async def fail(self, process: dict, errors: list[str] | None = None) -> None:
+        await self.call(
+            "closefailedmsg",
+            {"processid": process["processid"], "attempt": process["attempt"], "errors": errors or []},
+        )
+
+    async def close_and_assign(
+        self,
+        process: dict,
+        colonyname: str,
+        *,
+        successful: bool,
+        out: list | None = None,
+        errors: list[str] | None = None,
+        timeout: int = 10,
+    ) -> dict | None:
+        """Close this attempt and assign the next process in one call; None if nothing came."""
+        result = await self.call(
+            "closeassignmsg",
+            {
+                "processid": process["processid"],
+                "attempt": process["attempt"],
+                "successful": successful,
+                "out": out or [],
+                "errors": errors or [],
+                "colonyname": colonyname,
+                "timeout": timeout,
+            },
+            timeout=max(timeout, 0) + self.timeout,
+        )
+        return result["process"]
+
+    async def process(self, process_id: str) -> dict:
+        return await self.call("getprocessmsg", {"processid": process_id})
+
+    async def processes(
+        self, colonyname: str, state: int = -1, count: int = 100, executortype: str = ""
+    ) -> list[dict]:
+        body = {"colonyname": colonyname, "state": state, "count": count}
+        body["executortype"] = executortype
+        return await self.call("getprocessesmsg", body)
+
+    async def waiting(self, colonyname: str, count: int = 100) -> list[dict]:
+        return await self.processes(colonyname, WAITING, count)
+
+    async def running(self, colonyname: str, count: int = 100) -> list[dict]:
+        return await self.processes(colonyname, RUNNING, count)
+
+    async def successful(self, colonyname: str, count: int = 100) -> list[dict]:
+        return await self.processes(colonyname, SUCCESS, count)
+
+    async def failed(self, colonyname: str, count: int = 100) -> list[dict]:
+        return await self.processes(colonyname, FAILED, count)
+
+    async def remove_process(self, process_id: str) -> None:
+        await self.call("removeprocessmsg", {"processid": process_id})
+
+    async def remove_all_processes(self, colonyname: str, state: int = -1) -> None:
+        await self.call("removeallprocessesmsg", {"colonyname": colonyname, "state": state})
+
+    async def wait(self, process_id: str, timeout: float, poll: float = 0.05) -> dict:
+        """Wait until the process is finished (SUCCESS or FAILED); bounded by `timeout`."""
+        with trio.fail_after(timeout):
+            while True:
+                p = await self.process(process_id)
+                if p["state"] in (SUCCESS, FAILED):
+                    return p
+                await trio.sleep(poll)
+                poll = min(poll * 1.5, 0.5)
+
+    # Attributes.
+    async def add_attribute(self, process_id: str, key: str, value: str, attributetype: int = 1) -> dict:
+        attribute = {"targetid": process_id, "attributetype": attributetype, "key": key, "value": value}
+        return await self.call("addattributemsg", {"attribute": attribute})
+
+    async def attribute(self, attribute_id: str) -> dict:
+        return await self.call("getattributemsg", {"attributeid": attribute_id})
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SyncClient:
+    """The same calls, blocking, for scripts: runs a private trio loop in one thread.
+
+        with SyncClient(addr, prvkey) as c:
+            c.submit("echo", colonyname="dev", executortype="echo", args=["hi"])
+    """
+
+    def __init__(self, addr: str, key: PrivateKey | str, timeout: float = 10.0) -> None:
+        self._addr, self._key, self._timeout = addr, _key(key), timeout
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._client: Client | None = None
+        self._stop: trio.Event | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="colonies-client", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout + 5)
+        if self._error is not None:
+            raise self._error
+        if self._client is None:
+            raise BadRequest(f"could not connect to {addr}")
+
+    def _main(self) -> None:
+        async def run() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            try:
+                async with Client.connect(self._addr, self._key, self._timeout) as client:
+                    self._client = client
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as e:  # surfaced to the constructor's caller
+                self._error = e
+                self._ready.set()
+
+        trio.run(run)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(Client, name, None)
+        if method is None or name.startswith("_"):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            assert self._client is not None and self._token is not None
+            fn = getattr(self._client, name)
+            return trio.from_thread.run(lambda: fn(*args, **kwargs), trio_token=self._token)
+
+        return call
+
+    def close(self) -> None:
+        if self._stop is not None and self._token is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(10)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

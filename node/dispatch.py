@@ -1,0 +1,117 @@
+"""From an opened request to a reply: reads from the local replica, writes through the log.
+
+The role rules live in the state machine (consensus), which checks them again when a write is
+applied; the pre-check here only spares the log a command that would be refused anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from protocol.envelope import Request
+from protocol.errors import NotFound, RequestTimeout, error_from_wire
+
+# Every call is bounded: long-polls by their own timeout, everything else by this.
+DEFAULT_CALL_TIMEOUT_S = 10.0
+
+
+class Machine(Protocol):
+    def read(self, msgtype: str, caller: str, body: dict, now: int) -> object: ...
+    def authorize(self, msgtype: str, caller: str, body: dict) -> None: ...
+    def assignable(self, colonyname: str, executor_id: str) -> bool: ...
+
+
+class Log(Protocol):
+    """What dispatch needs from the replicator."""
+
+    @property
+    def machine(self) -> Machine: ...
+    @property
+    def applied_generation(self) -> int: ...
+    async def submit(self, cmd: dict, timeout: float = ...) -> list: ...
+    async def wait_applied(self, seen: int, deadline: float) -> int: ...
+
+
+def derived_nonce(nonce: bytes, i: int) -> bytes:
+    """Follow-up commands of one long-poll get their own nonces, bound to the client's."""
+    return hashlib.blake2b(nonce + i.to_bytes(4, "big"), digest_size=16).digest()
+
+
+class Dispatcher:
+    def __init__(self, log: Log, server_info: Callable[[], dict[str, Any]]) -> None:
+        self.log = log
+        self.server_info = server_info
+
+    async def handle(self, req: Request) -> Any:
+        if req.msgtype == "getserverinfomsg":
+            return self.server_info()
+        if not req.write:
+            return self.log.machine.read(req.msgtype, req.caller, req.body, time.time_ns())
+        self.log.machine.authorize(req.msgtype, req.caller, req.body)
+        if req.msgtype == "assignprocessmsg":
+            return await self._assign(req, req.msgtype, req.nonce)
+        if req.msgtype == "closeassignmsg":
+            return await self._close_assign(req)
+        return await self._write(req, req.msgtype, req.body, req.nonce)
+
+    async def _write(self, req: Request, op: str, body: dict, nonce: bytes) -> Any:
+        cmd = {
+            "op": op,
+            "caller": req.caller,
+            "nonce": nonce,
+            "expiry": req.expiry_ms,
+            "body": body,
+            "gen": os.urandom(32).hex(),
+        }
+        status, value = await self.log.submit(cmd, timeout=DEFAULT_CALL_TIMEOUT_S)
+        if status != 200:
+            raise error_from_wire(status, value)
+        return value
+
+    async def _assign(self, req: Request, op: str, nonce: bytes) -> Any:
+        """Long-poll: propose an assign only when the local replica shows a candidate."""
+        timeout = req.body["timeout"]
+        colony = req.body["colonyname"]
+        if timeout < 0:
+            return await self._write(req, op, req.body, nonce)
+        deadline = trio.current_time() + timeout
+        tries = 0
+        seen = self.log.applied_generation
+        # Bounded: every pass either waits for an apply or proposes one command.
+        while True:
+            if self.log.machine.assignable(colony, req.caller):
+                try:
+                    return await self._write(
+                        req, op, req.body, derived_nonce(nonce, tries) if tries else nonce
+                    )
+                except NotFound:
+                    pass  # another executor took it first
+                tries += 1
+            if trio.current_time() >= deadline:
+                raise NotFound("no process available for assignment")
+            seen = await self.log.wait_applied(seen, deadline)
+
+    async def _close_assign(self, req: Request) -> Any:
+        result = await self._write(req, "closeassignmsg", req.body, req.nonce)
+        if result.get("process") is not None or req.body["timeout"] < 0:
+            return result
+        follow = Request(
+            msgtype="assignprocessmsg",
+            body={"colonyname": req.body["colonyname"], "timeout": req.body["timeout"]},
+            caller=req.caller,
+            nonce=derived_nonce(req.nonce, 1_000_000),
+            expiry_ms=req.expiry_ms,
+            audience=req.audience,
+            write=True,
+        )
+        try:
+            process = await self._assign(follow, "assignprocessmsg", follow.nonce)
+        except (NotFound, RequestTimeout):
+            process = None
+        return {"closed": result.get("closed", {}), "process": process}

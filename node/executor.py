@@ -1,0 +1,178 @@
+"""The executor helper: register Python functions by name, then `run`.
+
+    ex = Executor(addr, prvkey, colonyname="dev", executortype="python")
+
+    @ex.function
+    def echo(*args):
+        return list(args)
+
+    ex.run_forever()
+
+It assigns a process, calls the function registered under the process's funcname with the
+spec's args and kwargs, and closes the attempt with the return value as output (a list is used
+as is, None is no output, anything else becomes a one-item list), or fails it with the error
+text. Closing and assigning the next process is one call. Plain functions run in a worker
+thread so a slow function does not stall the connection; async functions are awaited.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import signal
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from node.client import Client
+from protocol.errors import ColoniesError, NotFound, RequestTimeout, Unavailable
+from protocol.identity import PrivateKey
+
+log = logging.getLogger("colonies.executor")
+
+RECONNECT_DELAY_S = 1.0
+
+
+def as_output(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+class Executor:
+    def __init__(
+        self,
+        addr: str,
+        prvkey: PrivateKey | str,
+        *,
+        colonyname: str,
+        executortype: str,
+        poll_timeout: int = 10,
+        concurrency: int = 1,
+    ) -> None:
+        self.addr = addr
+        self.key = prvkey if isinstance(prvkey, PrivateKey) else PrivateKey.from_hex(prvkey)
+        self.colonyname = colonyname
+        self.executortype = executortype
+        self.poll_timeout = poll_timeout
+        self.concurrency = concurrency
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.processed = 0
+        self._stop = trio.Event()
+        self._started = trio.Event()
+
+    def function(
+        self, fn: Callable[..., Any] | None = None, *, name: str | None = None
+    ) -> Any:
+        """Register `fn` under its own name or `name`; usable as @ex.function or @ex.function(name=...)."""
+
+        def register(f: Callable[..., Any]) -> Callable[..., Any]:
+            self.functions[name or f.__name__] = f
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def stop(self) -> None:
+        """Ask the loops to finish: the process in hand is closed first, then run returns."""
+        self._stop.set()
+
+    async def run(self, client: Client | None = None) -> None:
+        """Serve until stop(); reconnects (bounded pace) when the node goes away."""
+        if client is not None:
+            await self._serve(client)
+            return
+        while not self._stop.is_set():
+            try:
+                async with Client.connect(self.addr, self.key) as c:
+                    await self._serve(c)
+            except (Unavailable, RequestTimeout) as e:
+                log.warning("node unavailable (%s); retrying in %.0f s", e, RECONNECT_DELAY_S)
+                with trio.move_on_after(RECONNECT_DELAY_S):
+                    await self._stop.wait()
+
+    def run_forever(self) -> None:
+        """Blocking entry point for scripts; SIGTERM and Ctrl-C stop cleanly."""
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+
+                async def watch_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                        async for _ in sigs:
+                            self.stop()
+                            return
+
+                n.start_soon(watch_signals)
+                await self.run()
+                n.cancel_scope.cancel()
+
+        trio.run(main)
+
+    async def _serve(self, client: Client) -> None:
+        client = client.with_key(self.key)
+        async with trio.open_nursery() as n:
+            for _ in range(self.concurrency):
+                n.start_soon(self._loop, client)
+            self._started.set()
+            await self._stop.wait()
+            # Let loops finish their current process; they check _stop between calls.
+
+    async def _loop(self, client: Client) -> None:
+        process: dict | None = None
+        while not self._stop.is_set():
+            if process is None:
+                try:
+                    process = await client.assign(self.colonyname, timeout=self.poll_timeout)
+                except NotFound:
+                    continue
+            ok, out, errors = await self._execute(process)
+            if self._stop.is_set():
+                await self._close(client, process, ok, out, errors)
+                return
+            try:
+                process = await client.close_and_assign(
+                    process,
+                    self.colonyname,
+                    successful=ok,
+                    out=out,
+                    errors=errors,
+                    timeout=self.poll_timeout,
+                )
+            except ColoniesError as e:
+                # The attempt may have expired (refused close): the process went back to the
+                # queue and another attempt owns it now. Keep serving.
+                log.warning("closing %s failed: %s", process["processid"], e)
+                process = None
+            self.processed += 1
+
+    async def _close(
+        self, client: Client, process: dict, ok: bool, out: list, errors: list[str]
+    ) -> None:
+        try:
+            if ok:
+                await client.close(process, out)
+            else:
+                await client.fail(process, errors)
+        except ColoniesError as e:
+            log.warning("closing %s failed: %s", process["processid"], e)
+        self.processed += 1
+
+    async def _execute(self, process: dict) -> tuple[bool, list, list[str]]:
+        spec = process["spec"]
+        fn = self.functions.get(spec["funcname"])
+        if fn is None:
+            return False, [], [f"executor has no function named {spec['funcname']!r}"]
+        args, kwargs = spec.get("args", []), spec.get("kwargs", {})
+        try:
+            if inspect.iscoroutinefunction(fn):
+                result = await fn(*args, **kwargs)
+            else:
+                result = await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+            return True, as_output(result), []
+        except Exception as e:
+            log.info("%s failed: %s", spec["funcname"], traceback.format_exc(limit=3))
+            return False, [], [f"{type(e).__name__}: {e}"]

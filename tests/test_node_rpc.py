@@ -1,0 +1,139 @@
+"""A real node on 127.0.0.1 driven through the SDK: lifecycle, roles, long-poll, timeouts."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from node.client import Client
+from protocol.errors import AccessDenied, BadRequest, Forbidden, NotFound
+from protocol.identity import PrivateKey
+from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
+from tests.conftest import Colony
+
+
+async def test_submit_assign_close(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        p = await c.submit("echo", args=["hello"], colonyname="dev", executortype=colony.executortype)
+        assert p["state"] == WAITING
+        assert p["initiatorid"] == colony.executor.id
+        got = await c.assign("dev", timeout=-1)
+        assert got["processid"] == p["processid"]
+        assert got["state"] == RUNNING and got["attempt"] == 1
+        await c.close(got, ["hello"])
+        done = await c.process(p["processid"])
+        assert done["state"] == SUCCESS and done["out"] == ["hello"]
+        assert [x["processid"] for x in await c.successful("dev")] == [p["processid"]]
+
+
+async def test_fail_records_errors(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        p = await c.submit("boom", colonyname="dev", executortype=colony.executortype)
+        got = await c.assign("dev", timeout=-1)
+        await c.fail(got, ["it broke"])
+        done = await c.process(p["processid"])
+        assert done["state"] == FAILED and done["errors"] == ["it broke"]
+
+
+async def test_long_poll_assign_is_woken_by_submit(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        result: dict = {}
+
+        async def waiter() -> None:
+            result["p"] = await c.assign("dev", timeout=5)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.sleep(0.3)
+            assert "p" not in result
+            started = trio.current_time()
+            p = await c.submit("echo", colonyname="dev", executortype=colony.executortype)
+        assert result["p"]["processid"] == p["processid"]
+        assert trio.current_time() - started < 2
+
+
+async def test_assign_times_out_with_not_found(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        with pytest.raises(NotFound):
+            await c.assign("dev", timeout=1)
+
+
+async def test_close_and_assign_next(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        a = await c.submit("echo", args=[1], colonyname="dev", executortype=colony.executortype)
+        b = await c.submit("echo", args=[2], colonyname="dev", executortype=colony.executortype)
+        first = await c.assign("dev", timeout=-1)
+        assert first["processid"] == a["processid"]
+        second = await c.close_and_assign(first, "dev", successful=True, out=[1], timeout=-1)
+        assert second is not None and second["processid"] == b["processid"]
+        none = await c.close_and_assign(second, "dev", successful=True, out=[2], timeout=-1)
+        assert none is None
+        assert (await c.process(b["processid"]))["state"] == SUCCESS
+
+
+async def test_exec_timeout_requeues_then_fails(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        p = await c.submit(
+            "slow", colonyname="dev", executortype=colony.executortype, maxexectime=1, maxretries=1
+        )
+        first = await c.assign("dev", timeout=-1)
+        # The leader's ticker requeues it after its deadline; a long-poll picks it up again.
+        second = await c.assign("dev", timeout=5)
+        assert second["processid"] == p["processid"] and second["attempt"] == 2
+        with pytest.raises((BadRequest, Forbidden)):
+            await c.close(first, ["late"])  # the expired attempt may not close it
+        with trio.fail_after(5):
+            while (await c.process(p["processid"]))["state"] != FAILED:
+                await trio.sleep(0.1)
+        done = await c.process(p["processid"])
+        assert done["retries"] == 1
+        assert "Maximum execution time" in done["errors"][0]
+
+
+async def test_roles_are_enforced(colony: Colony) -> None:
+    stranger = PrivateKey.generate()
+    async with Client.connect(colony.addr, stranger) as c:
+        with pytest.raises(AccessDenied):
+            await c.submit("echo", colonyname="dev", executortype=colony.executortype)
+        with pytest.raises(AccessDenied):
+            await c.add_colony(stranger.id, "mine")
+        with pytest.raises(AccessDenied):
+            await c.add_executor(stranger.id, "sneaky", "t", "dev")
+        owner = c.with_key(colony.owner)
+        # The colony owner manages executors but is not a member: it cannot submit.
+        with pytest.raises(AccessDenied):
+            await owner.submit("echo", colonyname="dev", executortype=colony.executortype)
+        ex = c.with_key(colony.executor)
+        p = await ex.submit("echo", colonyname="dev", executortype=colony.executortype)
+        got = await ex.assign("dev", timeout=-1)
+        # A pending executor of the same colony may not close someone else's process.
+        other = PrivateKey.generate()
+        await owner.add_executor(other.id, "other", colony.executortype, "dev")
+        with pytest.raises(AccessDenied):
+            await c.with_key(other).close(got, [])
+        await ex.close(got, [])
+        assert (await ex.process(p["processid"]))["state"] == SUCCESS
+
+
+async def test_remove_executor_requeues_its_processes(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        p = await c.submit("echo", colonyname="dev", executortype=colony.executortype)
+        await c.assign("dev", timeout=-1)
+        await c.with_key(colony.owner).remove_executor("dev", colony.executorname)
+        with pytest.raises(AccessDenied):
+            await c.process(p["processid"])  # no longer a member
+    async with Client.connect(colony.addr, colony.owner) as owner:
+        stats = await owner.colony_stats("dev")
+        assert stats["waitingprocesses"] == 1 and stats["runningprocesses"] == 0
+
+
+async def test_attributes(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        p = await c.submit("echo", colonyname="dev", executortype=colony.executortype, env={"A": "1"})
+        got = await c.assign("dev", timeout=-1)
+        attr = await c.add_attribute(got["processid"], "result", "42")
+        assert (await c.attribute(attr["attributeid"]))["value"] == "42"
+        full = await c.process(p["processid"])
+        assert {(a["key"], a["value"]) for a in full["attributes"]} >= {("A", "1"), ("result", "42")}
+        with pytest.raises(BadRequest):
+            await c.add_attribute(got["processid"], "result", "43")  # same key and type twice
