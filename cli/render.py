@@ -257,12 +257,12 @@ STAT_ROWS = [
 ]
 
 # Shown first, in this order, when the replicator reports them; the rest follow by name.
-RAFT_FIRST = ("role", "state", "leader", "term", "commitindex", "commit_idx", "lastapplied",
-              "last_applied", "members", "peers")
+RAFT_FIRST = ("role", "state", "leader", "term", "commit_index", "last_applied", "has_quorum",
+              "members", "connected", "self")
 
 
-def stats_table(title: str, stats: dict) -> Table:
-    rows = [(label, str(stats[k])) for label, k in STAT_ROWS if k in stats]
+def stats_table(title: str, stats: dict, skip: tuple[str, ...] = ()) -> Table:
+    rows = [(label, str(stats[k])) for label, k in STAT_ROWS if k in stats and k not in skip]
     rows += [(k, fmt_value(v)) for k, v in sorted(stats.items()) if k not in dict(STAT_ROWS).values()]
     return _kv_table(title, rows)
 
@@ -285,7 +285,9 @@ def status_tables(status: dict) -> list[Table]:
     if "statistics" in status:
         tables.append(stats_table("Server statistics", status["statistics"]))
     if "colony" in status:
-        tables.append(stats_table(f"Colony {status.get('colonyname', '')}", status["colony"]))
+        tables.append(
+            stats_table(f"Colony {status.get('colonyname', '')}", status["colony"], ("colonies",))
+        )
     return tables
 
 

@@ -29,14 +29,12 @@ class AssignQueue:
     def add(self, colony: str, executortype: str, names: tuple[str, ...], key: QueueKey) -> None:
         if names:
             for n in names:
-                self._targeted.setdefault((colony, executortype, n), SortedList()).add(key)
+                _at(self._targeted, (colony, executortype, n)).add(key)
         else:
-            self._pool.setdefault((colony, executortype), SortedList()).add(key)
+            _at(self._pool, (colony, executortype)).add(key)
         self._size += 1
 
-    def remove(
-        self, colony: str, executortype: str, names: tuple[str, ...], key: QueueKey
-    ) -> None:
+    def remove(self, colony: str, executortype: str, names: tuple[str, ...], key: QueueKey) -> None:
         """Remove a queued process; it must be queued with exactly these coordinates."""
         if names:
             for n in names:
@@ -53,6 +51,14 @@ class AssignQueue:
         if targeted and (best is None or targeted[0] < best):
             best = targeted[0]
         return best
+
+
+def _at(lists: dict, where: tuple) -> SortedList:
+    # Not setdefault(where, SortedList()): that would build a list on every call.
+    sl = lists.get(where)
+    if sl is None:
+        sl = lists[where] = SortedList()
+    return sl
 
 
 def _remove_from(lists: dict, where: tuple, key: QueueKey) -> None:

@@ -20,13 +20,13 @@ from consensus.process_ops import (
     requeue,
 )
 from consensus.records import (
-    NS_PER_DAY,
     Attribute,
     Colony,
     Executor,
     Process,
     attribute_id,
     deadline_after,
+    priority_time,
 )
 from consensus.request import Request
 from consensus.state import ColonyState
@@ -127,8 +127,7 @@ def submit(st: ColonyState, req: Request, now: int) -> Any:
         initiatorid=req.caller,
         initiatorname=initiator.executorname,
         submissiontime=now,
-        # One priority unit is worth one day of queue age (Colonies HEAD).
-        prioritytime=now - spec["priority"] * NS_PER_DAY,
+        prioritytime=priority_time(now, spec["priority"]),
         waitdeadline=deadline_after(now, spec["maxwaittime"]),
     )
     # spec.env becomes ENV attributes; sorted so the order does not depend on the encoder.

@@ -40,3 +40,11 @@ def next_state(state: int, event: Event) -> int:
     except KeyError:
         shown = STATE_NAMES.get(state, str(state))
         raise BadRequest(f"a {shown} process cannot take the event '{event.value}'") from None
+
+
+def table_markdown() -> str:
+    """The lifecycle table as markdown, for the docs."""
+    rows = ["| from | event | to |", "|---|---|---|"]
+    for (state, event), to in TRANSITIONS.items():
+        rows.append(f"| {STATE_NAMES[state]} | {event.value} | {STATE_NAMES[to]} |")
+    return "\n".join(rows)

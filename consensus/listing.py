@@ -26,8 +26,8 @@ class ProcessListing:
         self._totals: dict[int, int] = dict.fromkeys(ALL_STATES, 0)
 
     def add(self, colony: str, state: int, executortype: str, seq: int, pid: str) -> None:
-        self._by_state.setdefault((colony, state), SortedDict())[seq] = pid
-        self._by_state_type.setdefault((colony, state, executortype), SortedDict())[seq] = pid
+        _at(self._by_state, (colony, state))[seq] = pid
+        _at(self._by_state_type, (colony, state, executortype))[seq] = pid
         self._totals[state] += 1
 
     def remove(self, colony: str, state: int, executortype: str, seq: int) -> None:
@@ -59,6 +59,14 @@ class ProcessListing:
                 sources.append(iter(d.items()))
         merged = heapq.merge(*sources)
         return [pid for _, pid in itertools.islice(merged, count)]
+
+
+def _at(index: dict, where: tuple) -> SortedDict:
+    # Not setdefault(where, SortedDict()): that would build a SortedDict on every call.
+    d = index.get(where)
+    if d is None:
+        d = index[where] = SortedDict()
+    return d
 
 
 def _pop(index: dict, where: tuple, seq: int) -> None:

@@ -12,10 +12,13 @@ Command formats (what the log holds):
                 {"op": "tick"}   (apply every exec/wait deadline <= now)
 
 Nonces: a client write whose (caller, nonce) was seen within its expiry window is refused
-(ReplayedEnvelope), one whose expiry has passed likewise (ExpiredEnvelope). Every other write
-that reaches the log consumes its nonce whatever its outcome, including a refusal: a signed
-request is single-use, so a captured request that was refused (say, before its executor was
-approved) cannot be replayed later to take effect.
+(ReplayedEnvelope), one whose expiry has passed likewise (ExpiredEnvelope). A write that passes
+the nonce check, body validation and its role rule consumes its nonce whatever its handler
+decides (so a replayed assign that found nothing, or a replayed duplicate, is refused as a
+replay). A write refused before that changes nothing at all, in keeping with "bad input
+changes nothing": its nonce stays unrecorded, so a replay gets the same refusal as long as the
+state that refused it holds. That is no weaker than what the node's pre-check already implies:
+writes refused by the pre-check never reach the log, so they are never recorded either.
 """
 
 from __future__ import annotations
@@ -89,17 +92,23 @@ class ColonyMachine:
             return [500, f"internal error: {type(e).__name__}: {e}"[:MAX_ERROR_CHARS]]
 
     def apply(self, cmd: dict, now: int) -> object:
-        """Apply one command at leader time `now` (ns). Raises ColoniesError on refusal."""
+        """Apply one command at leader time `now` (ns). Raises ColoniesError on refusal.
+
+        A command refused before its handler runs (malformed, replayed, expired, invalid
+        body, refused by the role rule) changes nothing at all, not even the clock or the
+        nonce book. Past that point its nonce is consumed whatever the handler decides.
+        """
         st = self._st
         if not isinstance(cmd, dict):
             raise BadRequest("a command must be a map")
-        if not _is_int(now):
-            raise BadRequest("the command time must be an integer")
+        if not _is_int(now) or not 0 <= now <= _INT64_MAX:
+            raise BadRequest("the command time must be an int64 of unix ns")
         now = max(now, st.last_now)
-        st.last_now = now
         op = cmd.get("op")
         if isinstance(op, str) and op in INTERNAL:
-            return INTERNAL[op](st, cmd, now)
+            result = INTERNAL[op](st, cmd, now)
+            st.last_now = now
+            return result
         handler = WRITES.get(op) if isinstance(op, str) else None
         if handler is None:
             shown = op[:64] if isinstance(op, str) else type(op).__name__
@@ -112,11 +121,13 @@ class ColonyMachine:
         if not _is_int(expiry) or not 0 <= expiry <= _INT64_MAX:
             raise BadRequest("command expiry must be an int64 of unix ms")
         now_ms = now // 1_000_000
-        st.nonces.prune(now_ms)
         st.nonces.check(caller, nonce, expiry, now_ms)
-        st.nonces.remember(caller, nonce, expiry)  # consumed from here on, whatever the outcome
         body = validate_body(op, cmd.get("body"))
         roles.authorize(st, op, caller, body)
+        # The commit point: from here the command takes effect, even if its handler refuses.
+        st.last_now = now
+        st.nonces.prune(now_ms)
+        st.nonces.remember(caller, nonce, expiry)
         gen = cmd.get("gen")
         return handler(st, Request(caller, body, gen if isinstance(gen, str) else ""), now)
 

@@ -27,10 +27,12 @@ class NonceBook:
 
     def check(self, caller: str, nonce: bytes, expiry_ms: int, now_ms: int) -> None:
         """Refuse a replayed or expired write; does not remember it."""
-        if (caller, nonce) in self._expiry:
-            raise ReplayedEnvelope("replayed request: this nonce was already used")
+        # Expiry first: an expired nonce may or may not have been pruned yet, and the answer
+        # must not depend on that.
         if expiry_ms < now_ms:
             raise ExpiredEnvelope("expired request: its expiry has passed")
+        if (caller, nonce) in self._expiry:
+            raise ReplayedEnvelope("replayed request: this nonce was already used")
 
     def remember(self, caller: str, nonce: bytes, expiry_ms: int) -> None:
         self._expiry[(caller, nonce)] = expiry_ms

@@ -51,7 +51,9 @@ def check_current_attempt(p: Process, attempt: int) -> None:
         why = f"the current attempt is {p.attempt}"
     else:
         return
-    raise BadRequest(f"attempt {attempt} is not the current attempt of process {p.processid} ({why})")
+    raise BadRequest(
+        f"attempt {attempt} is not the current attempt of process {p.processid} ({why})"
+    )
 
 
 def close(

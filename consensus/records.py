@@ -18,9 +18,10 @@ from typing import Any
 
 from protocol.messages import WAITING
 
-# The largest time we store: deadlines are clamped here so every int stays msgpack-able
-# (int64) however large a client's maxwaittime/maxexectime is.
+# Times we store are clamped to int64 so every int stays msgpack-able, however large a
+# client's maxwaittime/maxexectime or priority is.
 MAX_TIME_NS = 2**63 - 1
+MIN_TIME_NS = -(2**63)
 NS_PER_S = 1_000_000_000
 NS_PER_DAY = 86_400 * NS_PER_S
 
@@ -30,6 +31,11 @@ def deadline_after(now: int, seconds: int) -> int:
     if seconds <= 0:
         return 0
     return min(now + seconds * NS_PER_S, MAX_TIME_NS)
+
+
+def priority_time(submitted: int, priority: int) -> int:
+    """Colonies HEAD: one priority unit is worth one day of queue age; lower is served first."""
+    return max(MIN_TIME_NS, min(submitted - priority * NS_PER_DAY, MAX_TIME_NS))
 
 
 @dataclass(frozen=True, slots=True)

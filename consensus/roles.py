@@ -153,7 +153,9 @@ RULES: dict[str, Rule] = {
     "closefailedmsg": assigned(process_id),
     # The close half needs A on the process, the assign half M✓ of the named colony; both
     # are checked before either half runs, so a refusal changes nothing.
-    "closeassignmsg": all_of(assigned(process_id), member(named_colony("colonyname"), approved=True)),
+    "closeassignmsg": all_of(
+        assigned(process_id), member(named_colony("colonyname"), approved=True)
+    ),
     "getprocessmsg": member(process_colony, approved=True),
     "getprocessesmsg": member(named_colony("colonyname"), approved=True),
     "removeprocessmsg": member(process_colony, approved=True),

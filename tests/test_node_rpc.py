@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from node.client import Client
-from protocol.errors import AccessDenied, BadRequest, Forbidden, NotFound
+from protocol.errors import BadRequest, Forbidden, NotFound
 from protocol.identity import PrivateKey
 from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
 from tests.conftest import Colony
@@ -93,15 +93,15 @@ async def test_exec_timeout_requeues_then_fails(colony: Colony) -> None:
 async def test_roles_are_enforced(colony: Colony) -> None:
     stranger = PrivateKey.generate()
     async with Client.connect(colony.addr, stranger) as c:
-        with pytest.raises(AccessDenied):
+        with pytest.raises(Forbidden):
             await c.submit("echo", colonyname="dev", executortype=colony.executortype)
-        with pytest.raises(AccessDenied):
+        with pytest.raises(Forbidden):
             await c.add_colony(stranger.id, "mine")
-        with pytest.raises(AccessDenied):
+        with pytest.raises(Forbidden):
             await c.add_executor(stranger.id, "sneaky", "t", "dev")
         owner = c.with_key(colony.owner)
         # The colony owner manages executors but is not a member: it cannot submit.
-        with pytest.raises(AccessDenied):
+        with pytest.raises(Forbidden):
             await owner.submit("echo", colonyname="dev", executortype=colony.executortype)
         ex = c.with_key(colony.executor)
         p = await ex.submit("echo", colonyname="dev", executortype=colony.executortype)
@@ -109,7 +109,7 @@ async def test_roles_are_enforced(colony: Colony) -> None:
         # A pending executor of the same colony may not close someone else's process.
         other = PrivateKey.generate()
         await owner.add_executor(other.id, "other", colony.executortype, "dev")
-        with pytest.raises(AccessDenied):
+        with pytest.raises(Forbidden):
             await c.with_key(other).close(got, [])
         await ex.close(got, [])
         assert (await ex.process(p["processid"]))["state"] == SUCCESS
@@ -120,7 +120,7 @@ async def test_remove_executor_requeues_its_processes(colony: Colony) -> None:
         p = await c.submit("echo", colonyname="dev", executortype=colony.executortype)
         await c.assign("dev", timeout=-1)
         await c.with_key(colony.owner).remove_executor("dev", colony.executorname)
-        with pytest.raises(AccessDenied):
+        with pytest.raises(Forbidden):
             await c.process(p["processid"])  # no longer a member
     async with Client.connect(colony.addr, colony.owner) as owner:
         stats = await owner.colony_stats("dev")

@@ -143,15 +143,15 @@ async def test_timeouts_map_to_request_timeout_and_free_the_slot(tmp_path):
     async with leaderless(tmp_path, max_in_flight=1) as replicator:
         errors: dict[int, RequestTimeout] = {}
 
-        async def one(n: int) -> None:
+        async def one(n: int, timeout: float) -> None:
             with pytest.raises(RequestTimeout) as caught:
-                await replicator.submit({"op": "put", "n": n}, timeout=0.3)
+                await replicator.submit({"op": "put", "n": n}, timeout=timeout)
             errors[n] = caught.value
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, 0)
+            nursery.start_soon(one, 0, 0.5)
             await trio.sleep(0.05)  # the first is proposed (and never commits)
-            nursery.start_soon(one, 1)  # the second waits for the only slot
+            nursery.start_soon(one, 1, 0.2)  # the second waits for the only slot, in vain
 
         assert errors[0].status == 408 and "may still be applied" in errors[0].message
         assert errors[1].status == 408 and "was not applied" in errors[1].message

@@ -1,0 +1,742 @@
+"""Benchmarks of one colonyd on 127.0.0.1, driven through the real SDK (node/client.py).
+
+    .venv/bin/python simulations/bench.py                    # everything, about 1-3 minutes
+    .venv/bin/python simulations/bench.py --only roundtrip --rounds 1000
+    .venv/bin/python simulations/bench.py --only lifecycle --executors 8 --executor-procs 1
+
+Prints one JSON object per line on stdout (progress on stderr), in this order:
+
+- machine:   CPU count and model, Python, platform, load average, git commit.
+- lifecycle: N processes submitted by S submitters and run by E executors (one line per E in
+             --executors). Every executor is a registered, approved executor with its own key;
+             every submitter too (of another executor type, so it is never assigned work).
+             proc_per_s is end to end: from the first submit to the reply to the close that
+             made the N-th process SUCCESS (counted by the executors, then checked against the
+             node's colony statistics). The `method` key says how assign and close were timed.
+- roundtrip: one process at a time, submit -> assign -> close, on an otherwise idle node.
+- floor:     the same request count and concurrency shape as a lifecycle run, over a plain
+             trio TCP socket with the same framing and client code, to an echo-like server in
+             another process (no signatures checked, no consensus). See simulations/floor.py.
+
+Each run gets a fresh colonyd in its own OS process (SIGTERM and a bounded wait at the end,
+SIGKILL if it hangs), so the node and the clients use the two cores as they would in reality.
+Every run is bounded by --timeout; a failed or timed-out run prints
+{"bench": ..., "error": ...} and the script exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+# `python simulations/bench.py` puts simulations/ on sys.path (benchkit, floor); the project
+# packages come from the editable install (`make dev` / `make bench`).
+from benchkit import (
+    PYTHON,
+    BenchError,
+    ChildProcess,
+    NodeProcess,
+    OtherLoad,
+    PySpy,
+    emit,
+    machine_line,
+    ms_stats,
+    progress,
+    wait_ready_file,
+)
+from floor import bench_spec, run_floor
+
+from node.client import Client, _key
+from node.executor import Executor
+from protocol.errors import ColoniesError, NotFound
+from protocol.identity import PrivateKey
+from protocol.messages import SUCCESS
+
+COLONY = "bench"
+EXECUTOR_TYPE = "bench"
+SUBMITTER_TYPE = "bench-submitter"
+POLL_TIMEOUT_S = 5  # executors' long-poll; a run ends by cancelling them, not by waiting
+SUBMIT_RETRIES = 3
+WORKER_START_TIMEOUT_S = 60.0
+
+METHODS = {
+    "split": (
+        "custom executor loop over the SDK Client: assign_ms = long-poll assign(timeout=5) "
+        "calls that returned a process (made when the executor has nothing in hand; includes "
+        "waiting for a submit; counted from the run's start at the earliest); close_ms = fused close_and_assign(timeout=-1) (closes the "
+        "attempt and assigns the next one in the same command, no server-side wait)"
+    ),
+    "helper": (
+        "node.executor.Executor (the SDK's executor helper) with a timing Client: assign_ms = "
+        "its standalone long-poll assign calls (the first per executor, and after an empty "
+        "poll; counted from the run's start at the earliest); close_ms = its fused close_and_assign(timeout=5), which includes the "
+        "server-side wait for the next process when the queue is empty"
+    ),
+}
+
+
+# --- recording ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """What one client process measures; `target` closes end the run (None: never)."""
+
+    target: int | None
+    submit: list[float] = field(default_factory=list)
+    close: list[float] = field(default_factory=list)
+    completed: int = 0
+    fused_next: int = 0  # fused calls that came back with the next process
+    assign_calls: int = 0  # every assign call, including the ones that found nothing
+    errors: list[str] = field(default_factory=list)
+    last_close: float = 0.0  # time.monotonic() of the last successful close
+    # Assign calls are timed from max(call start, run start), so the long-polls that executors
+    # open before the first submit count from the first submit, not from before the clock.
+    assign_spans: list[tuple[float, float]] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def closed_one(self) -> None:
+        self.completed += 1
+        self.last_close = time.monotonic()
+        if self.target is not None and self.completed >= self.target:
+            self.done.set()
+
+    def assigned(self, started: float) -> None:
+        self.assign_spans.append((started, time.monotonic()))
+
+    def assign_latencies(self, t0: float) -> list[float]:
+        return [end - max(start, t0) for start, end in self.assign_spans]
+
+    def error(self, where: str, e: BaseException) -> None:
+        if len(self.errors) < 20:
+            self.errors.append(f"{where}: {type(e).__name__}: {e}")
+        else:
+            self.errors.append("")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "assign_spans": self.assign_spans,
+            "close": self.close,
+            "completed": self.completed,
+            "fused_next": self.fused_next,
+            "assign_calls": self.assign_calls,
+            "errors": self.errors,
+            "last_close": self.last_close,
+        }
+
+
+class TimedClient(Client):
+    """The SDK client, timing the executor calls into a Recorder (used with Executor)."""
+
+    rec: Recorder
+
+    @classmethod
+    def wrap(cls, base: Client, rec: Recorder) -> TimedClient:
+        c = cls(base.conn, base.key, base.cluster_id, base.server_info)
+        c.rec = rec
+        return c
+
+    def with_key(self, key: PrivateKey | str) -> TimedClient:
+        c = TimedClient(self.conn, _key(key), self.cluster_id, self.server_info)
+        c.rec = self.rec
+        return c
+
+    async def assign(self, colonyname: str, timeout: int = 10) -> dict:
+        self.rec.assign_calls += 1
+        t = time.monotonic()
+        p = await super().assign(colonyname, timeout)
+        self.rec.assigned(t)
+        return p
+
+    async def close_and_assign(self, process: dict, colonyname: str, **kw: Any) -> dict | None:
+        t = time.perf_counter()
+        try:
+            nxt = await super().close_and_assign(process, colonyname, **kw)
+        except ColoniesError as e:
+            self.rec.error("close_and_assign", e)
+            raise
+        self.rec.close.append(time.perf_counter() - t)
+        self.rec.closed_one()
+        if nxt is not None:
+            self.rec.fused_next += 1
+        return nxt
+
+
+class FrameCounter:
+    """Counts the client's frame writes (each carries one or more envelopes)."""
+
+    def __init__(self, client: Client) -> None:
+        self.writes = 0
+        stream = getattr(client.conn, "_stream", None)
+        inner = getattr(stream, "write", None)
+        if inner is None:
+            self.writes = -1
+            return
+
+        async def write(data: bytes) -> None:
+            self.writes += 1
+            await inner(data)
+
+        try:
+            stream.write = write
+        except AttributeError:
+            self.writes = -1
+
+
+# --- executors -----------------------------------------------------------------------------------
+
+
+async def split_executor(client: Client, rec: Recorder, max_calls: int) -> None:
+    """assign (long-poll) when empty-handed, then fused close_and_assign(timeout=-1)."""
+    process: dict | None = None
+    for _ in range(max_calls):
+        if process is None:
+            rec.assign_calls += 1
+            t = time.monotonic()
+            try:
+                process = await client.assign(COLONY, timeout=POLL_TIMEOUT_S)
+            except NotFound:
+                continue
+            except ColoniesError as e:
+                rec.error("assign", e)
+                await trio.sleep(0.05)
+                continue
+            rec.assigned(t)
+        out = list(process["spec"]["args"])  # the "function": echo its arguments
+        t = time.perf_counter()
+        try:
+            nxt = await client.close_and_assign(process, COLONY, successful=True, out=out, timeout=-1)
+        except ColoniesError as e:
+            rec.error("close_and_assign", e)
+            process = None
+            continue
+        rec.close.append(time.perf_counter() - t)
+        rec.closed_one()
+        if nxt is not None:
+            rec.fused_next += 1
+        process = nxt
+    raise BenchError(f"an executor made {max_calls} calls without the run ending")
+
+
+async def run_executors(
+    client: Client, keys: list[PrivateKey], rec: Recorder, method: str, max_calls: int
+) -> None:
+    """Serve until cancelled. Every executor shares `client`'s connection (with_key)."""
+    async with trio.open_nursery() as n:
+        for k in keys:
+            if method == "split":
+                n.start_soon(split_executor, client.with_key(k), rec, max_calls)
+            else:
+                ex = Executor(
+                    client.conn.addr, k, colonyname=COLONY, executortype=EXECUTOR_TYPE,
+                    poll_timeout=POLL_TIMEOUT_S,
+                )
+
+                @ex.function(name="bench")
+                async def bench(*args: Any) -> list:
+                    return list(args)
+
+                n.start_soon(ex.run, TimedClient.wrap(client, rec))
+
+
+# --- submitters ----------------------------------------------------------------------------------
+
+
+async def submitter(client: Client, first: int, count: int, rec: Recorder) -> None:
+    for i in range(first, first + count):
+        spec = bench_spec(i)
+        for attempt in range(SUBMIT_RETRIES + 1):
+            t = time.perf_counter()
+            try:
+                await client.submit_spec(spec)
+            except ColoniesError as e:
+                rec.error("submit", e)
+                if attempt == SUBMIT_RETRIES:
+                    raise BenchError(f"submit failed {SUBMIT_RETRIES + 1} times: {e}") from e
+                await trio.sleep(0.05)
+                continue
+            rec.submit.append(time.perf_counter() - t)
+            break
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    owner: PrivateKey
+    submitters: list[PrivateKey]
+    executors: list[PrivateKey]
+
+
+async def setup_colony(admin: Client, n_submitters: int, n_executors: int) -> Setup:
+    s = Setup(
+        PrivateKey.generate(),
+        [PrivateKey.generate() for _ in range(n_submitters)],
+        [PrivateKey.generate() for _ in range(n_executors)],
+    )
+    await admin.add_colony(s.owner.id, COLONY)
+    owner = admin.with_key(s.owner)
+    for kind, keys, etype in (
+        ("submitter", s.submitters, SUBMITTER_TYPE),
+        ("executor", s.executors, EXECUTOR_TYPE),
+    ):
+        for i, k in enumerate(keys):
+            await owner.add_executor(k.id, f"{kind}-{i}", etype, COLONY)
+            await owner.approve_executor(COLONY, f"{kind}-{i}")
+    return s
+
+
+# --- lifecycle -----------------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A child client process running some of the executors (--executor-procs)."""
+
+    def __init__(self, index: int, workdir: Path, config: dict[str, Any]) -> None:
+        self.index = index
+        self.control = workdir / f"worker-{index}.stop"
+        self.ready = workdir / f"worker-{index}.ready"
+        self.result = workdir / f"worker-{index}.json"
+        config = dict(config, stop_file=str(self.control), ready_file=str(self.ready),
+                      result_file=str(self.result))
+        cfg = workdir / f"worker-{index}.cfg"
+        cfg.write_text(json.dumps(config))
+        self.child = ChildProcess(
+            f"bench-worker-{index}",
+            [PYTHON, str(Path(__file__).resolve()), "--worker", str(cfg)],
+            workdir,
+            dict(os.environ),
+        )
+
+    async def wait_ready(self) -> None:
+        await wait_ready_file(self.child, self.ready, WORKER_START_TIMEOUT_S)
+
+    async def finish(self, timeout: float) -> dict[str, Any]:
+        self.control.write_text("stop\n")
+        with trio.move_on_after(timeout):
+            while self.child.proc.poll() is None:
+                await trio.sleep(0.02)
+        if not self.result.exists():
+            raise BenchError(f"executor worker {self.index} left no result:\n{self.child.tail()}")
+        return json.loads(self.result.read_text())
+
+
+async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any]:
+    n, n_sub = args.processes, args.submitters
+    server = PrivateKey.generate()
+    cprofile = (args.cprofile_node / f"lifecycle-E{n_executors}-node.pstats"
+                if args.cprofile_node else None)
+    if cprofile is not None:
+        cprofile.parent.mkdir(parents=True, exist_ok=True)
+    async with NodeProcess(server.hex, probe=args.probe, cprofile=cprofile) as node:
+        progress(f"lifecycle E={n_executors}: node up at {node.addr}")
+        async with Client.connect(node.addr, server) as admin:
+            setup = await setup_colony(admin, n_sub, n_executors)
+            frames = FrameCounter(admin)
+            owner = admin.with_key(setup.owner)
+            rec = Recorder(target=n if args.executor_procs == 0 else None)
+            subs = Recorder(target=None)
+            per_sub = [n // n_sub + (1 if i < n % n_sub else 0) for i in range(n_sub)]
+            max_calls = 4 * n + 100
+            workers: list[WorkerProcess] = []
+            spies: list[PySpy] = []
+            results: list[dict[str, Any]] = []
+            with tempfile.TemporaryDirectory(prefix="colonies-bench-workers-") as tmp:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if args.executor_procs == 0:
+                            nursery.start_soon(
+                                run_executors, admin, setup.executors, rec, args.method, max_calls
+                            )
+                        else:
+                            groups = [setup.executors[i :: args.executor_procs]
+                                      for i in range(args.executor_procs)]
+                            for i, group in enumerate(g for g in groups if g):
+                                workers.append(WorkerProcess(i, Path(tmp), {
+                                    "addr": node.addr,
+                                    "keys": [k.hex for k in group],
+                                    "method": args.method,
+                                    "max_calls": max_calls,
+                                }))
+                            for w in workers:
+                                await w.wait_ready()
+                        # Let every executor reach its first long-poll before the clock starts.
+                        await trio.sleep(0.3)
+                        if args.py_spy:
+                            spies = start_profilers(args.py_spy, n_executors, node.pid, workers)
+                        probe0 = await node.probe_stats() if node.probe else None
+                        node_cpu0, cpu0 = node.cpu_seconds(), time.process_time()
+                        load = OtherLoad(
+                            [node.pid, os.getpid()] + [w.child.pid for w in workers]
+                        )
+                        frames0 = frames.writes
+                        t0 = time.monotonic()
+                        async with trio.open_nursery() as subs_nursery:
+                            first = 0
+                            for k, count in zip(setup.submitters, per_sub, strict=True):
+                                subs_nursery.start_soon(
+                                    submitter, admin.with_key(k), first, count, subs
+                                )
+                                first += count
+                        t_submitted = time.monotonic()
+                        progress(f"lifecycle E={n_executors}: {n} submitted in "
+                                 f"{t_submitted - t0:.2f} s")
+                        if workers:
+                            await wait_all_closed(owner, n)
+                        else:
+                            await rec.done.wait()
+                        node_cpu = node.cpu_seconds() - node_cpu0
+                        other_util = load.util()
+                        probe1 = await node.probe_stats() if node.probe else None
+                        for spy in spies:
+                            spy.stop()
+                        nursery.cancel_scope.cancel()
+                    for w in workers:
+                        results.append(await w.finish(20))
+                finally:
+                    for spy in spies:
+                        spy.stop()
+                    for w in workers:
+                        w.child.stop()
+            cpu = time.process_time() - cpu0
+            client_frames = frames.writes - frames0 if frames.writes >= 0 else None
+            for r in results:
+                rec.assign_spans += [tuple(x) for x in r["assign_spans"]]
+                rec.close += r["close"]
+                rec.completed += r["completed"]
+                rec.fused_next += r["fused_next"]
+                rec.assign_calls += r["assign_calls"]
+                rec.errors += r["errors"]
+                rec.last_close = max(rec.last_close, r["last_close"])
+            t_end = rec.last_close
+            stats = await owner.colony_stats(COLONY)
+            if stats["successfulprocesses"] != n:
+                raise BenchError(f"expected {n} successful processes, the node counts {stats}")
+    seconds = t_end - t0
+    requests = len(subs.submit) + rec.assign_calls + len(rec.close)
+    line: dict[str, Any] = {
+        "bench": "lifecycle",
+        "nodes": 1,
+        "executors": n_executors,
+        "submitters": n_sub,
+        "processes": n,
+        "proc_per_s": round(n / seconds, 1),
+        **ms_stats(subs.submit, "submit_"),
+        **ms_stats(rec.assign_latencies(t0), "assign_"),
+        **ms_stats(rec.close, "close_"),
+        "seconds": round(seconds, 3),
+        "method": args.method,
+        "method_detail": METHODS[args.method],
+        "client_procs": 1 + len(workers),
+        "requests": requests,
+        "req_per_s": round(requests / seconds, 1),
+        "submit_phase_s": round(t_submitted - t0, 3),
+        "assign_calls": rec.assign_calls,
+        "assign_samples": len(rec.assign_spans),
+        "close_samples": len(rec.close),
+        "fused_returned_next": rec.fused_next,
+        "node_cpu_s": round(node_cpu, 2),
+        "node_cpu_us_per_req": round(node_cpu / requests * 1e6, 1),
+        "node_cpu_util": round(node_cpu / seconds, 2),
+        "client_cpu_s": round(cpu, 2),
+        "client_cpu_us_per_req": round(cpu / requests * 1e6, 1) if not workers else None,
+        "client_envelopes_per_frame": (
+            round(requests / client_frames, 2) if client_frames and not workers else None
+        ),
+        "other_cpu_util": other_util,
+        "errors": len(rec.errors) + len(subs.errors),
+    }
+    if probe0 is not None and probe1 is not None:
+        line["node_batching"] = batching(probe0, probe1)
+    first_errors = [e for e in rec.errors + subs.errors if e][:3]
+    if first_errors:
+        line["first_errors"] = first_errors
+    # What the floor run needs to mirror this run's shape.
+    line["_shape"] = {
+        "submit_requests": len(subs.submit),
+        "executor_requests": rec.assign_calls + len(rec.close),
+    }
+    return line
+
+
+def batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What node_probe counted during the measured phase."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "hist"}
+
+    def per(a: str, b: str) -> float | None:
+        return round(d[a] / d[b], 2) if d.get(b) else None
+
+    return {
+        "request_frames_in": d.get("frames_in", 0),
+        "requests_per_frame_in": per("requests_in", "frames_in"),
+        "reply_frames_out": d.get("frames_out", 0),
+        "replies_per_frame_out": per("replies_out", "frames_out"),
+        "raft_entries": d.get("entries", 0),
+        "commands_per_entry": per("commands", "entries"),
+        "ticks": d.get("ticks", 0),
+        "ticks_per_request": per("ticks", "requests_in"),
+    }
+
+
+def start_profilers(
+    out_dir: Path, n_executors: int, node_pid: int, workers: list[WorkerProcess]
+) -> list[PySpy]:
+    """py-spy on the node and on every client process, for the measured phase only."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [("node", node_pid), ("client", os.getpid())]
+    targets += [(f"worker{w.index}", w.child.pid) for w in workers]
+    return [
+        PySpy(pid, out_dir / f"lifecycle-E{n_executors}-{name}.txt", out_dir)
+        for name, pid in targets
+    ]
+
+
+async def wait_all_closed(owner: Client, n: int) -> None:
+    """Poll the node (a local read every 50 ms) until n processes are SUCCESS."""
+    while True:
+        stats = await owner.colony_stats(COLONY)
+        if stats["successfulprocesses"] >= n:
+            return
+        await trio.sleep(0.05)
+
+
+async def worker_main(cfg_path: str) -> None:
+    """A child client process: one connection, with_key per executor; results to a file."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    keys = [PrivateKey.from_hex(k) for k in cfg["keys"]]
+    rec = Recorder(target=None)
+    stop_file = Path(cfg["stop_file"])
+    cpu0 = time.process_time()
+    async with Client.connect(cfg["addr"], keys[0]) as client:
+        async with trio.open_nursery() as n:
+            n.start_soon(run_executors, client, keys, rec, cfg["method"], cfg["max_calls"])
+            await trio.sleep(0.1)
+            Path(cfg["ready_file"]).write_text("ready\n")
+            while not stop_file.exists():
+                await trio.sleep(0.05)
+            n.cancel_scope.cancel()
+    out = rec.as_json()
+    out["cpu_s"] = time.process_time() - cpu0
+    tmp = Path(cfg["result_file"] + ".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.rename(cfg["result_file"])
+
+
+# --- roundtrip -----------------------------------------------------------------------------------
+
+
+async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
+    server = PrivateKey.generate()
+    async with NodeProcess(server.hex) as node:
+        progress(f"roundtrip: node up at {node.addr}")
+        async with Client.connect(node.addr, server) as admin:
+            setup = await setup_colony(admin, 1, 1)
+            sub = admin.with_key(setup.submitters[0])
+            ex = admin.with_key(setup.executors[0])
+            total: list[float] = []
+            steps: dict[str, list[float]] = {"submit": [], "assign": [], "close": []}
+            warmup = min(20, args.rounds)
+            node_cpu0 = 0.0
+            for i in range(warmup + args.rounds):
+                if i == warmup:
+                    node_cpu0 = node.cpu_seconds()
+                    load = OtherLoad([node.pid, os.getpid()])
+                t0 = time.perf_counter()
+                p = await sub.submit_spec(bench_spec(i))
+                t1 = time.perf_counter()
+                got = await ex.assign(COLONY, timeout=POLL_TIMEOUT_S)
+                t2 = time.perf_counter()
+                await ex.close(got, [i])
+                t3 = time.perf_counter()
+                if got["processid"] != p["processid"]:
+                    raise BenchError("assign returned another process than the one submitted")
+                if i >= warmup:
+                    total.append(t3 - t0)
+                    steps["submit"].append(t1 - t0)
+                    steps["assign"].append(t2 - t1)
+                    steps["close"].append(t3 - t2)
+            node_cpu = node.cpu_seconds() - node_cpu0
+            other_util = load.util()
+            last = await sub.process(p["processid"])
+            if last["state"] != SUCCESS:
+                raise BenchError(f"the last process ended in state {last['state']}, not SUCCESS")
+    stats = ms_stats(total, "")
+    return {
+        "bench": "roundtrip",
+        "nodes": 1,
+        "ms_p50": stats["ms_p50"],
+        "ms_p99": stats["ms_p99"],
+        "rounds": args.rounds,
+        "warmup_rounds": warmup,
+        **ms_stats(steps["submit"], "submit_"),
+        **ms_stats(steps["assign"], "assign_"),
+        **ms_stats(steps["close"], "close_"),
+        "node_cpu_us_per_round": round(node_cpu / args.rounds * 1e6, 1),
+        "other_cpu_util": other_util,
+    }
+
+
+# --- floor ---------------------------------------------------------------------------------------
+
+
+async def floor(args: argparse.Namespace, n_executors: int, life: dict | None) -> dict[str, Any]:
+    if life is not None:
+        shape = life["_shape"]
+    else:  # no lifecycle run to copy: its typical counts
+        shape = {"submit_requests": args.processes,
+                 "executor_requests": args.processes + n_executors}
+    with tempfile.TemporaryDirectory(prefix="colonies-bench-floor-") as tmp:
+        ready = Path(tmp) / "ready"
+        child = ChildProcess(
+            "floor-server",
+            [PYTHON, str(Path(__file__).resolve().parent / "floor.py"), "--ready-file", str(ready)],
+            Path(tmp),
+            dict(os.environ),
+        )
+        try:
+            host, port = (await wait_ready_file(child, ready, 30))[0].split()
+            cpu0 = child.cpu_seconds()
+            load = OtherLoad([child.pid, os.getpid()])
+            r = await run_floor(
+                host, int(port),
+                submit_requests=shape["submit_requests"],
+                executor_requests=shape["executor_requests"],
+                submitters=args.submitters,
+                executors=n_executors,
+                timeout=30,
+            )
+            server_cpu = child.cpu_seconds() - cpu0
+            other_util = load.util()
+        finally:
+            child.stop()
+    req_s = r["requests"] / r["seconds"]
+    line: dict[str, Any] = {
+        "bench": "floor",
+        "executors": n_executors,
+        "submitters": args.submitters,
+        "requests": r["requests"],
+        "req_per_s": round(req_s, 1),
+        **ms_stats(r["latencies"], ""),
+        "seconds": round(r["seconds"], 3),
+        "client_cpu_us_per_req": round(r["client_cpu_s"] / r["requests"] * 1e6, 1),
+        "server_cpu_us_per_req": round(server_cpu / r["requests"] * 1e6, 1),
+        "client_envelopes_per_frame": round(r["requests"] / max(1, r["frames"]), 2),
+        "floor_req_per_s": round(req_s, 1),
+        "other_cpu_util": other_util,
+    }
+    if life is not None:
+        lreq = life["req_per_s"]
+        line.update(
+            lifecycle_req_per_s=lreq,
+            ratio=round(lreq / req_s, 4),
+            overhead_ratio=round(req_s / lreq, 1),
+            ratio_def=(
+                "ratio = lifecycle_req_per_s / floor_req_per_s (the fraction of the plain-TCP "
+                "framing floor that libp2p + signatures + dispatch + Raft reach); "
+                "overhead_ratio = its inverse (how many times slower the real stack is). "
+                "lifecycle_req_per_s counts every client call of the lifecycle run with the "
+                "same executors (submits, assigns, fused close-and-assigns) over its seconds"
+            ),
+        )
+    return line
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--processes", type=int, default=2000, help="processes per lifecycle run")
+    p.add_argument("--submitters", type=int, default=4)
+    p.add_argument("--executors", default="1,8", help="comma-separated: one lifecycle run each")
+    p.add_argument("--rounds", type=int, default=300, help="roundtrip rounds (after 20 warm-up)")
+    p.add_argument("--only", choices=["lifecycle", "roundtrip", "floor"])
+    p.add_argument("--method", choices=sorted(METHODS), default="split",
+                   help="how executors run and are timed (see the method_detail key)")
+    p.add_argument("--executor-procs", type=int, default=0,
+                   help="run the executors in K child processes (0: in this process)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    p.add_argument("--py-spy", type=Path, metavar="DIR",
+                   help="profile the node and the client(s) during lifecycle runs with py-spy "
+                        "(collapsed stacks in DIR; needs `.venv/bin/pip install py-spy`)")
+    p.add_argument("--probe", action="store_true",
+                   help="run the node with batching counters (simulations/node_probe.py) and "
+                        "report them as node_batching in lifecycle lines")
+    p.add_argument("--cprofile-node", type=Path, metavar="DIR",
+                   help="cProfile the whole node process of each lifecycle run into DIR "
+                        "(implies --probe; slows the node)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        args.executors = [int(x) for x in str(args.executors).split(",") if x.strip()]
+    except ValueError:
+        p.error("--executors takes a comma-separated list of integers")
+    if not args.executors or min(args.executors) < 1:
+        p.error("--executors needs at least one count, each >= 1")
+    if args.processes < 1 or args.submitters < 1 or args.rounds < 1 or args.executor_procs < 0:
+        p.error("--processes, --submitters and --rounds must be >= 1, --executor-procs >= 0")
+    return args
+
+
+async def run_all(args: argparse.Namespace) -> int:
+    emit(machine_line())
+    runs: list[tuple[str, int | None]] = []
+    if args.only in (None, "lifecycle"):
+        runs += [("lifecycle", e) for e in args.executors]
+    if args.only in (None, "roundtrip"):
+        runs.append(("roundtrip", None))
+    if args.only in (None, "floor"):
+        runs += [("floor", e) for e in args.executors]
+    lifecycles: dict[int, dict] = {}
+    for name, e in runs:
+        label = name if e is None else f"{name} E={e}"
+        progress(f"{label}: starting")
+        try:
+            with trio.fail_after(args.timeout):
+                if name == "lifecycle":
+                    assert e is not None
+                    line = await lifecycle(args, e)
+                    lifecycles[e] = line
+                elif name == "roundtrip":
+                    line = await roundtrip(args)
+                else:
+                    assert e is not None
+                    line = await floor(args, e, lifecycles.get(e))
+        except trio.TooSlowError:
+            emit({"bench": name, "executors": e, "error": f"timed out after {args.timeout:g} s"})
+            return 1
+        except (BenchError, ColoniesError) as err:
+            emit({"bench": name, "executors": e, "error": f"{type(err).__name__}: {err}"})
+            return 1
+        emit({k: v for k, v in line.items() if not k.startswith("_")})
+        if line.get("other_cpu_util", 0) > 0.25:
+            progress(f"{label}: warning: other processes used {line['other_cpu_util']} cores "
+                     "during the run; its numbers are skewed by them")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        trio.run(worker_main, args.worker)
+        return 0
+    try:
+        return trio.run(run_all, args)
+    except KeyboardInterrupt:
+        progress("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

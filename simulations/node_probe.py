@@ -1,0 +1,121 @@
+"""colonyd with counters: how well the node batches under load. For `bench.py --probe`.
+
+    COLONIES_SERVER_PRVKEY=... python simulations/node_probe.py --stats-file S \\
+        [--cprofile FILE] -- <colonyd arguments>
+
+Runs `cli.daemon.main` unchanged, with thin wrappers (no behaviour change) around:
+- node.rpc_server.decode_requests: request frames read, envelopes in them;
+- node.rpc_server.encode_replies: reply frames written (one stream write each), replies in them;
+- node.replicator.pack_batch: Raft entries proposed, commands in them;
+- ReplicatedColony.doTick: ticks.
+The counters are written as JSON to --stats-file at exit, and whenever the file
+`<stats-file>.dump` appears (then deleted), so a benchmark can take a snapshot around its
+measured phase. --cprofile writes a cProfile of the whole run at exit (slows the node ~2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import node.replicator as replicator_mod
+import node.rpc_server as rpc_mod
+from consensus.raft import ReplicatedColony
+
+COUNTERS: Counter[str] = Counter()
+HIST: dict[str, Counter[int]] = {"req_per_frame": Counter(), "replies_per_frame": Counter(),
+                                 "cmds_per_entry": Counter()}
+
+
+def install() -> None:
+    decode_requests = rpc_mod.decode_requests
+    encode_replies = rpc_mod.encode_replies
+    pack_batch = replicator_mod.pack_batch
+    do_tick = ReplicatedColony.doTick
+
+    def counted_decode(body: bytes) -> Any:
+        items = decode_requests(body)
+        COUNTERS["frames_in"] += 1
+        COUNTERS["requests_in"] += len(items)
+        HIST["req_per_frame"][len(items)] += 1
+        return items
+
+    def counted_encode(items: list) -> bytes:
+        COUNTERS["frames_out"] += 1
+        COUNTERS["replies_out"] += len(items)
+        HIST["replies_per_frame"][len(items)] += 1
+        return encode_replies(items)
+
+    def counted_pack(now: int, packed_cmds: list[bytes]) -> bytes:
+        COUNTERS["entries"] += 1
+        COUNTERS["commands"] += len(packed_cmds)
+        HIST["cmds_per_entry"][len(packed_cmds)] += 1
+        return pack_batch(now, packed_cmds)
+
+    def counted_tick(self: ReplicatedColony, *a: Any, **kw: Any) -> Any:
+        COUNTERS["ticks"] += 1
+        return do_tick(self, *a, **kw)
+
+    rpc_mod.decode_requests = counted_decode
+    rpc_mod.encode_replies = counted_encode
+    replicator_mod.pack_batch = counted_pack
+    ReplicatedColony.doTick = counted_tick  # type: ignore[method-assign]
+
+
+def snapshot() -> dict[str, Any]:
+    out: dict[str, Any] = dict(COUNTERS)
+    out["hist"] = {k: dict(sorted(v.items())) for k, v in HIST.items()}
+    return out
+
+
+def write_stats(path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(snapshot()))
+    tmp.replace(path)
+
+
+def watch_dump_requests(path: Path, stop: threading.Event) -> None:
+    # A thread, not a trio task: the daemon's trio loop is cli.daemon's own.
+    trigger = Path(str(path) + ".dump")
+    while not stop.wait(0.02):
+        if trigger.exists():
+            write_stats(path)
+            trigger.unlink(missing_ok=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stats-file", type=Path, required=True)
+    p.add_argument("--cprofile", type=Path)
+    p.add_argument("daemon_args", nargs=argparse.REMAINDER)
+    args = p.parse_args()
+    daemon_args = [a for a in args.daemon_args if a != "--"]
+    install()
+    from cli.daemon import main as daemon_main
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_dump_requests, args=(args.stats_file, stop),
+                               daemon=True)
+    watcher.start()
+    prof = cProfile.Profile() if args.cprofile else None
+    try:
+        if prof is not None:
+            prof.enable()
+        code = daemon_main(daemon_args)
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(str(args.cprofile))
+        stop.set()
+        write_stats(args.stats_file)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
