@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from cli.errors import describe, first_error
 from cli.logs import setup_logging
 from node.daemon import ColonyNode, NodeConfig
 from protocol.errors import ColoniesError
@@ -56,11 +57,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(run)
-    except ColoniesError as e:
-        print(f"colonyd: error: {e.message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except (ColoniesError, OSError, BaseExceptionGroup) as e:
+        if isinstance(first_error(e), KeyboardInterrupt):
+            return 130
+        if not isinstance(first_error(e), ColoniesError | OSError):
+            raise
+        print(f"colonyd: error: {describe(e)}", file=sys.stderr)
+        return 2
     logging.getLogger("colonies.node").info("stopped")
     return 0
 

@@ -302,7 +302,7 @@ class SyncClient:
 
         return call
 
-    def close(self) -> None:
+    def disconnect(self) -> None:
         if self._stop is not None and self._token is not None:
             try:
                 trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
@@ -314,4 +314,4 @@ class SyncClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.disconnect()

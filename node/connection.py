@@ -104,7 +104,7 @@ class Connection:
             while len(items) < TARGET_ENVELOPES_PER_FRAME and size < TARGET_FRAME_BYTES:
                 try:
                     item = self._recv.receive_nowait()
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 items.append(item)
                 size += len(item[1])

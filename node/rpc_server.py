@@ -81,7 +81,8 @@ class RpcServer:
         while True:
             try:
                 data = await stream.read(READ_SIZE)
-            except Exception:
+            except Exception as e:
+                log.debug("read ended: %r", e)
                 return  # EOF or reset: the peer is gone
             if not data:
                 return
@@ -158,7 +159,7 @@ class RpcServer:
             while len(batch) < MAX_ENVELOPES_PER_FRAME and size < TARGET_FRAME_BYTES:
                 try:
                     batch.append(replies.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 size += 64  # replies are small; this only caps very long bursts
             await stream.write(encode_replies(batch))
