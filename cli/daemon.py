@@ -33,6 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--server-key-file", type=Path, help="file holding the server owner key (hex)")
     p.add_argument("--ready-file", type=Path, help="write the node's addresses here when ready")
+    p.add_argument(
+        "--metrics-addr",
+        default=os.environ.get("COLONIES_METRICS_ADDR") or None,
+        help="serve Prometheus metrics on HOST:PORT (GET /metrics)",
+    )
     p.add_argument("--log-level", default=os.environ.get("COLONIES_LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         server_prvkey=os.environ.get("COLONIES_SERVER_PRVKEY") or None,
         server_key_file=args.server_key_file,
         ready_file=args.ready_file,
+        metrics_addr=args.metrics_addr,
     )
 
     async def run() -> None:

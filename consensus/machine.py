@@ -65,6 +65,18 @@ class ColonyMachine:
         who may be assigned): the node wakes its long-pollers when it moves."""
         return self._st.applied_changes
 
+    def statistics(self) -> dict[str, int]:
+        """Cluster-wide counts (for metrics and status; no role check, the node decides)."""
+        return self._st.statistics()
+
+    def colony_statistics(self, colonyname: str) -> dict[str, int] | None:
+        if colonyname not in self._st.colonies:
+            return None
+        return self._st.colony_statistics(colonyname)
+
+    def colony_names(self) -> list[str]:
+        return sorted(self._st.colonies)
+
     # Applying the log.
 
     def apply_batch(self, batch: bytes) -> list[list]:

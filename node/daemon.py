@@ -18,6 +18,7 @@ from libp2p.custom_types import TProtocol
 from consensus.raft import ReplicatedColony
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
+from node.metrics import Metrics
 from node.p2p import full_addrs, running_host
 from node.replicator import Replicator
 from node.rpc_server import RPC_PROTOCOL_ID, RpcServer
@@ -39,6 +40,7 @@ class NodeConfig:
     server_prvkey: str | None = None
     server_key_file: Path | None = None
     ready_file: Path | None = None
+    metrics_addr: str | None = None
 
 
 def server_owner_key(config: NodeConfig) -> tuple[PrivateKey, str]:
@@ -59,6 +61,8 @@ class ColonyNode:
         self.data = DataDir(config.data_dir)
         self.replicator: Replicator | None = None
         self.rpc: RpcServer | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
         self.addrs: list[str] = []
         self.peer_id = ""
         self.started_at = time.time()
@@ -102,6 +106,14 @@ class ColonyNode:
                         Dispatcher(replicator, self.server_info).handle,
                         lambda: replicator.machine.cluster_id,
                     )
+                    self.metrics = metrics = Metrics(
+                        lambda: replicator.machine.statistics(), replicator.status
+                    )
+                    rpc.latency = metrics.observe_rpc
+                    if self.config.metrics_addr:
+                        self.metrics_port = await nursery.start(
+                            metrics.serve, self.config.metrics_addr
+                        )
                     host.set_stream_handler(TProtocol(RPC_PROTOCOL_ID), rpc.handle_stream)
                     nursery.start_soon(run_timeouts, replicator)
                     self.addrs = full_addrs(host)

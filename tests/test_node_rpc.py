@@ -137,3 +137,29 @@ async def test_attributes(colony: Colony) -> None:
         assert {(a["key"], a["value"]) for a in full["attributes"]} >= {("A", "1"), ("result", "42")}
         with pytest.raises(BadRequest):
             await c.add_attribute(got["processid"], "result", "43")  # same key and type twice
+
+
+async def test_metrics_endpoint(tmp_path) -> None:
+    from node.daemon import ColonyNode, NodeConfig
+    from tests.conftest import vector_key
+
+    node = ColonyNode(
+        NodeConfig(data_dir=tmp_path / "m", server_prvkey=vector_key("server").hex, metrics_addr="127.0.0.1:0")
+    )
+    async with trio.open_nursery() as n:
+        await n.start(node.run)
+        async with Client.connect(node.addrs[0], vector_key("server")) as c:
+            await c.add_colony(vector_key("colony").id, "metrics")
+        stream = await trio.open_tcp_stream("127.0.0.1", node.metrics_port)
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                body += chunk
+        await stream.aclose()
+        text = body.decode()
+        assert text.startswith("HTTP/1.1 200")
+        assert "colonies_server_colonies 1.0" in text
+        assert "colonies_raft_has_leader 1.0" in text
+        assert 'colonies_rpc_seconds_count{msgtype="addcolonymsg",status="200"} 1.0' in text
+        node.stop()
