@@ -43,6 +43,13 @@ class AssignQueue:
             _remove_from(self._pool, (colony, executortype), key)
         self._size -= 1
 
+    def count(self, colony: str, executortype: str, name: str) -> int:
+        """How many processes this executor could be assigned (an upper bound shared with
+        the other executors of its type)."""
+        pool = self._pool.get((colony, executortype))
+        targeted = self._targeted.get((colony, executortype, name))
+        return (len(pool) if pool else 0) + (len(targeted) if targeted else 0)
+
     def peek(self, colony: str, executortype: str, name: str) -> QueueKey | None:
         """The key of the process this executor would get now, or None."""
         pool = self._pool.get((colony, executortype))

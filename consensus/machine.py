@@ -158,16 +158,18 @@ class ColonyMachine:
 
     def authorize(self, msgtype: str, caller: str, body: dict) -> None:
         """Pre-check of a message's role rule against the current state (the node calls it
-        before proposing a write; apply checks again)."""
+        before proposing a write; apply checks again). `body` must already be validated
+        (protocol.envelope.open_envelope does it), so it is not validated again here."""
         message_type(msgtype)
-        roles.authorize(self._st, msgtype, caller, validate_body(msgtype, body))
+        roles.authorize(self._st, msgtype, caller, body)
 
-    def assignable(self, colonyname: str, executor_id: str) -> bool:
-        """Would an assign by this executor find a process right now? O(log n)."""
+    def assignable(self, colonyname: str, executor_id: str) -> int:
+        """How many processes an assign by this executor could pick right now (0: none).
+        O(1); processes of the pool are counted for every executor of their type."""
         ex = self._st.executors.get(executor_id)
         if ex is None or ex.colonyname != colonyname or ex.state != APPROVED:
-            return False
-        return self._st.queue.peek(ex.colonyname, ex.executortype, ex.executorname) is not None
+            return 0
+        return self._st.queue.count(ex.colonyname, ex.executortype, ex.executorname)
 
     def next_deadline(self) -> int | None:
         """The earliest pending exec or wait deadline (unix ns), or None."""

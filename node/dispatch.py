@@ -24,7 +24,7 @@ DEFAULT_CALL_TIMEOUT_S = 10.0
 class Machine(Protocol):
     def read(self, msgtype: str, caller: str, body: dict, now: int) -> object: ...
     def authorize(self, msgtype: str, caller: str, body: dict) -> None: ...
-    def assignable(self, colonyname: str, executor_id: str) -> bool: ...
+    def assignable(self, colonyname: str, executor_id: str) -> int: ...
 
 
 class Log(Protocol):
@@ -47,6 +47,10 @@ class Dispatcher:
     def __init__(self, log: Log, server_info: Callable[[], dict[str, Any]]) -> None:
         self.log = log
         self.server_info = server_info
+        # Assign proposals in flight per colony. An apply wakes every long-poller; without
+        # this gate all of them would propose an assign for the same new process and all but
+        # one would be refused, a log entry each.
+        self._assigning: dict[str, int] = {}
 
     async def handle(self, req: Request) -> Any:
         if req.msgtype == "getserverinfomsg":
@@ -85,13 +89,20 @@ class Dispatcher:
         seen = self.log.applied_generation
         # Bounded: every pass either waits for an apply or proposes one command.
         while True:
-            if self.log.machine.assignable(colony, req.caller):
+            if self.log.machine.assignable(colony, req.caller) > self._assigning.get(colony, 0):
+                self._assigning[colony] = self._assigning.get(colony, 0) + 1
                 try:
                     return await self._write(
                         req, op, req.body, derived_nonce(nonce, tries) if tries else nonce
                     )
                 except NotFound:
                     pass  # another executor took it first
+                finally:
+                    left = self._assigning[colony] - 1
+                    if left:
+                        self._assigning[colony] = left
+                    else:
+                        del self._assigning[colony]
                 tries += 1
             if trio.current_time() >= deadline:
                 raise NotFound("no process available for assignment")

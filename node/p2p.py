@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,12 @@ from protocol.errors import BadRequest, Unavailable
 from protocol.identity import PrivateKey
 
 log = logging.getLogger("colonies.p2p")
+
+# py-libp2p's yamux sends a window update after every read by default, each its own Noise
+# message and socket write, which the peer then has to process: it cost ~35% of the CPU per
+# request (measured in simulations/bench.py). 0 sends them as go-yamux does, per 128 KB.
+# Read at call time, so setting it before the first host is built is enough.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 def quiet_libp2p_logs(level: int = logging.ERROR) -> None:

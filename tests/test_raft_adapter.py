@@ -168,9 +168,9 @@ def test_compaction_writes_a_msgpack_dump_and_restart_restores_from_it(tmp_path,
     raw = dump.read_bytes()
     assert not raw.startswith(b"\x1f\x8b")  # not PySyncObj's gzip-pickle
     assert raw[:1] != b"\x80"  # nor a bare pickle
-    data = msgpack.unpackb(raw, raw=False)
+    data = decode_dump(raw)  # plain msgpack all the way down
+    assert msgpack.unpackb(raw, raw=False)["format"] == data["format"]
     assert data["machine"] == colony.machine.snapshot()
-    assert data["digest"] == colony.machine.digest()
     assert data["members"] == [SELF]
     assert data["last"][1] == colony.last_applied
     assert not (tmp_path / (DUMP_FILE + ".tmp")).exists()  # written aside, then renamed
@@ -275,7 +275,7 @@ def test_a_corrupt_dump_is_fatal_not_ignored(tmp_path, open_colony):
 
 
 def test_dump_codec_round_trip_and_rejects_garbage():
-    blob = encode_dump({"k": [1, b"x"]}, "d1", (b"\x00a", 7, 2), (b"\x01", 6, 2), ["b", "a"])
+    blob = encode_dump({"k": [1, b"x"]}, (b"\x00a", 7, 2), (b"\x01", 6, 2), ["b", "a"])
     data = decode_dump(blob)
     assert data["last"] == [b"\x00a", 7, 2] and data["prev"] == [b"\x01", 6, 2]
     assert data["members"] == ["a", "b"] and data["machine"] == {"k": [1, b"x"]}
@@ -283,6 +283,10 @@ def test_dump_codec_round_trip_and_rejects_garbage():
                 msgpack.packb({"format": 1, "last": [1, 2], "prev": [], "members": []})):
         with pytest.raises(CorruptRaftState):
             decode_dump(bad)
+    tampered = msgpack.unpackb(blob, raw=False)
+    tampered["machine"] = msgpack.packb({"k": [2]})
+    with pytest.raises(CorruptRaftState, match="checksum"):
+        decode_dump(msgpack.packb(tampered, use_bin_type=True))
 
 
 def test_guards(tmp_path, open_colony):
