@@ -1,27 +1,44 @@
 """Benchmarks of one colonyd on 127.0.0.1, driven through the real SDK (node/client.py).
 
-    .venv/bin/python simulations/bench.py                    # everything, about 1-3 minutes
+    make bench                                   # = .venv/bin/python simulations/bench.py
     .venv/bin/python simulations/bench.py --only roundtrip --rounds 1000
-    .venv/bin/python simulations/bench.py --only lifecycle --executors 8 --executor-procs 1
+    .venv/bin/python simulations/bench.py --only lifecycle --executors 8 --probe
+    .venv/bin/python simulations/bench.py --only lifecycle --executors 8 --py-spy /tmp/prof
+    .venv/bin/python simulations/stacks.py /tmp/prof/lifecycle-E8-node.txt
 
-Prints one JSON object per line on stdout (progress on stderr), in this order:
+Prints one JSON object per line on stdout (progress and warnings on stderr), in this order:
 
 - machine:   CPU count and model, Python, platform, load average, git commit.
-- lifecycle: N processes submitted by S submitters and run by E executors (one line per E in
-             --executors). Every executor is a registered, approved executor with its own key;
-             every submitter too (of another executor type, so it is never assigned work).
-             proc_per_s is end to end: from the first submit to the reply to the close that
-             made the N-th process SUCCESS (counted by the executors, then checked against the
-             node's colony statistics). The `method` key says how assign and close were timed.
+- lifecycle: N processes submitted by S submitters and run by E executors, one line per E in
+             --executors. Every executor is a registered, approved executor with its own key,
+             and so is every submitter (of another executor type, so it is never assigned
+             work). All of them share one connection (Client.with_key), as an SDK user with
+             several identities in one process would; --executor-procs K moves the executors
+             to K child processes (one connection each). proc_per_s is end to end, from the
+             first submit to the moment the N-th process is known closed SUCCESS (see
+             end_detection), then checked against the node's colony statistics. `method` says
+             how the executors run and how assign_ms / close_ms are timed (METHODS below).
 - roundtrip: one process at a time, submit -> assign -> close, on an otherwise idle node.
 - floor:     the same request count and concurrency shape as a lifecycle run, over a plain
              trio TCP socket with the same framing and client code, to an echo-like server in
              another process (no signatures checked, no consensus). See simulations/floor.py.
+             ratio = lifecycle_req_per_s / floor_req_per_s; overhead_ratio = its inverse.
 
-Each run gets a fresh colonyd in its own OS process (SIGTERM and a bounded wait at the end,
-SIGKILL if it hangs), so the node and the clients use the two cores as they would in reality.
+Each run gets a fresh colonyd in its own OS process (started with `python -m cli.daemon`,
+stopped with SIGTERM and a bounded wait, SIGKILL if it hangs), so the node and the clients use
+the two cores as they would in reality. CPU is measured per process (node_cpu_us_per_req,
+client_cpu_us_per_req), which is steadier than wall-clock rates; other_cpu_util says how many
+cores other programs took during the run (a run with other_cpu_util above ~0.2 is skewed).
+
 Every run is bounded by --timeout; a failed or timed-out run prints
-{"bench": ..., "error": ...} and the script exits 1.
+{"bench": ..., "error": ...} and the script exits 1. Environment variables are passed on to the
+node, so e.g. `PY_YAMUX_RELEASE_ON_READ=0 make bench` measures a libp2p setting on both sides.
+
+Diagnostics: --probe runs the node with batching counters (simulations/node_probe.py:
+requests per frame, commands per Raft entry, refused commands, snapshot pauses) and adds them
+as `node_batching`; --py-spy DIR records the node and the client(s) during lifecycle runs
+(collapsed stacks; summarize with simulations/stacks.py); --cprofile-node DIR writes a
+cProfile of each lifecycle node.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +73,7 @@ from benchkit import (
 )
 from floor import bench_spec, run_floor
 
-from node.client import Client, _key
+from node.client import Client
 from node.executor import Executor
 from protocol.errors import ColoniesError, NotFound
 from protocol.identity import PrivateKey
@@ -67,19 +85,24 @@ SUBMITTER_TYPE = "bench-submitter"
 POLL_TIMEOUT_S = 5  # executors' long-poll; a run ends by cancelling them, not by waiting
 SUBMIT_RETRIES = 3
 WORKER_START_TIMEOUT_S = 60.0
+POLL_INTERVAL_S = 0.02  # end-of-run polling (helper method, --executor-procs)
+FLOOR_MIN_SECONDS = 1.0
+FLOOR_MAX_REPEATS = 20
 
 METHODS = {
     "split": (
         "custom executor loop over the SDK Client: assign_ms = long-poll assign(timeout=5) "
-        "calls that returned a process (made when the executor has nothing in hand; includes "
-        "waiting for a submit; counted from the run's start at the earliest); close_ms = fused close_and_assign(timeout=-1) (closes the "
-        "attempt and assigns the next one in the same command, no server-side wait)"
+        "calls that returned a process (made when the executor has nothing in hand; they "
+        "include waiting for a submit, and count from the run's start at the earliest); "
+        "close_ms = fused close_and_assign(timeout=-1), which closes the attempt and assigns "
+        "the next process in the same command, with no server-side wait"
     ),
     "helper": (
         "node.executor.Executor (the SDK's executor helper) with a timing Client: assign_ms = "
         "its standalone long-poll assign calls (the first per executor, and after an empty "
-        "poll; counted from the run's start at the earliest); close_ms = its fused close_and_assign(timeout=5), which includes the "
-        "server-side wait for the next process when the queue is empty"
+        "poll; counted from the run's start at the earliest); close_ms = its fused "
+        "close_and_assign(timeout=5), which includes the server-side wait for the next "
+        "process when the queue is empty"
     ),
 }
 
@@ -146,7 +169,8 @@ class TimedClient(Client):
         return c
 
     def with_key(self, key: PrivateKey | str) -> TimedClient:
-        c = TimedClient(self.conn, _key(key), self.cluster_id, self.server_info)
+        key = key if isinstance(key, PrivateKey) else PrivateKey.from_hex(key)
+        c = TimedClient(self.conn, key, self.cluster_id, self.server_info)
         c.rec = self.rec
         return c
 
@@ -344,11 +368,21 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
             setup = await setup_colony(admin, n_sub, n_executors)
             frames = FrameCounter(admin)
             owner = admin.with_key(setup.owner)
-            rec = Recorder(target=n if args.executor_procs == 0 else None)
+            # How the end is detected. split: the executors' own count of acknowledged
+            # closes (exact; each process's close is acknowledged as soon as it commits).
+            # helper: the fused call's reply also waits for the next process (up to its
+            # long-poll timeout), so the last closes are acknowledged late; poll the node.
+            by_poll = args.method == "helper"
+            end_detection = (
+                f"node colony stats polled every {POLL_INTERVAL_S * 1000:g} ms" if by_poll
+                else "executors' count of acknowledged closes"
+            )
+            rec = Recorder(target=n if args.executor_procs == 0 and not by_poll else None)
             subs = Recorder(target=None)
             per_sub = [n // n_sub + (1 if i < n % n_sub else 0) for i in range(n_sub)]
             max_calls = 4 * n + 100
             workers: list[WorkerProcess] = []
+            t_polled = 0.0
             spies: list[PySpy] = []
             results: list[dict[str, Any]] = []
             with tempfile.TemporaryDirectory(prefix="colonies-bench-workers-") as tmp:
@@ -391,11 +425,12 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
                         t_submitted = time.monotonic()
                         progress(f"lifecycle E={n_executors}: {n} submitted in "
                                  f"{t_submitted - t0:.2f} s")
-                        if workers:
-                            await wait_all_closed(owner, n)
+                        if by_poll or workers:
+                            t_polled = await wait_all_closed(owner, n)
                         else:
                             await rec.done.wait()
                         node_cpu = node.cpu_seconds() - node_cpu0
+                        cpu = time.process_time() - cpu0
                         other_util = load.util()
                         probe1 = await node.probe_stats() if node.probe else None
                         for spy in spies:
@@ -408,7 +443,6 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
                         spy.stop()
                     for w in workers:
                         w.child.stop()
-            cpu = time.process_time() - cpu0
             client_frames = frames.writes - frames0 if frames.writes >= 0 else None
             for r in results:
                 rec.assign_spans += [tuple(x) for x in r["assign_spans"]]
@@ -418,7 +452,8 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
                 rec.assign_calls += r["assign_calls"]
                 rec.errors += r["errors"]
                 rec.last_close = max(rec.last_close, r["last_close"])
-            t_end = rec.last_close
+                cpu += r["cpu_s"]  # client CPU of all client processes (whole worker life)
+            t_end = t_polled if by_poll else rec.last_close
             stats = await owner.colony_stats(COLONY)
             if stats["successfulprocesses"] != n:
                 raise BenchError(f"expected {n} successful processes, the node counts {stats}")
@@ -437,6 +472,7 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
         "seconds": round(seconds, 3),
         "method": args.method,
         "method_detail": METHODS[args.method],
+        "end_detection": end_detection,
         "client_procs": 1 + len(workers),
         "requests": requests,
         "req_per_s": round(requests / seconds, 1),
@@ -449,7 +485,7 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
         "node_cpu_us_per_req": round(node_cpu / requests * 1e6, 1),
         "node_cpu_util": round(node_cpu / seconds, 2),
         "client_cpu_s": round(cpu, 2),
-        "client_cpu_us_per_req": round(cpu / requests * 1e6, 1) if not workers else None,
+        "client_cpu_us_per_req": round(cpu / requests * 1e6, 1),
         "client_envelopes_per_frame": (
             round(requests / client_frames, 2) if client_frames and not workers else None
         ),
@@ -485,6 +521,17 @@ def batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "commands_per_entry": per("commands", "entries"),
         "ticks": d.get("ticks", 0),
         "ticks_per_request": per("ticks", "requests_in"),
+        "applied": {k.split(":", 1)[1]: v for k, v in sorted(d.items())
+                    if k.startswith("apply:") and v},
+        "refused": {k.split(":", 1)[1]: v for k, v in sorted(d.items())
+                    if k.startswith("refused:") and v},
+        "snapshot_dumps": d.get("dumps", 0),
+        "snapshot_dump_ms_total": round(d.get("dump_ms_total", 0), 1),
+        # The maxima are over the node's life (a counter), not only the measured phase.
+        "snapshot_dump_ms_max": after.get("dump_ms_max", 0),
+        "gc2_collections": d.get("gc2", 0),
+        "gc2_ms_total": round(d.get("gc2_ms_total", 0), 1),
+        "gc_ms_max": max(after.get(f"gc{g}_ms_max", 0) for g in range(3)),
     }
 
 
@@ -501,13 +548,13 @@ def start_profilers(
     ]
 
 
-async def wait_all_closed(owner: Client, n: int) -> None:
-    """Poll the node (a local read every 50 ms) until n processes are SUCCESS."""
+async def wait_all_closed(owner: Client, n: int) -> float:
+    """Poll the node (a local read) until n processes are SUCCESS; when it saw them."""
     while True:
         stats = await owner.colony_stats(COLONY)
         if stats["successfulprocesses"] >= n:
-            return
-        await trio.sleep(0.05)
+            return time.monotonic()
+        await trio.sleep(POLL_INTERVAL_S)
 
 
 async def worker_main(cfg_path: str) -> None:
@@ -576,6 +623,7 @@ async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
         "nodes": 1,
         "ms_p50": stats["ms_p50"],
         "ms_p99": stats["ms_p99"],
+        "ms_max": stats["ms_max"],
         "rounds": args.rounds,
         "warmup_rounds": warmup,
         **ms_stats(steps["submit"], "submit_"),
@@ -607,30 +655,39 @@ async def floor(args: argparse.Namespace, n_executors: int, life: dict | None) -
             host, port = (await wait_ready_file(child, ready, 30))[0].split()
             cpu0 = child.cpu_seconds()
             load = OtherLoad([child.pid, os.getpid()])
-            r = await run_floor(
-                host, int(port),
-                submit_requests=shape["submit_requests"],
-                executor_requests=shape["executor_requests"],
-                submitters=args.submitters,
-                executors=n_executors,
-                timeout=30,
-            )
+            # One pass takes a fraction of a second: repeat it (bounded) so that the CPU
+            # figures, read from /proc at 10 ms resolution, cover at least a second.
+            runs: list[dict[str, Any]] = []
+            while len(runs) < FLOOR_MAX_REPEATS and (
+                not runs or sum(r["seconds"] for r in runs) < FLOOR_MIN_SECONDS
+            ):
+                runs.append(await run_floor(
+                    host, int(port),
+                    submit_requests=shape["submit_requests"],
+                    executor_requests=shape["executor_requests"],
+                    submitters=args.submitters,
+                    executors=n_executors,
+                    timeout=30,
+                ))
             server_cpu = child.cpu_seconds() - cpu0
             other_util = load.util()
         finally:
             child.stop()
-    req_s = r["requests"] / r["seconds"]
+    total = sum(r["requests"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    req_s = total / seconds
     line: dict[str, Any] = {
         "bench": "floor",
         "executors": n_executors,
         "submitters": args.submitters,
-        "requests": r["requests"],
+        "requests": runs[0]["requests"],
         "req_per_s": round(req_s, 1),
-        **ms_stats(r["latencies"], ""),
-        "seconds": round(r["seconds"], 3),
-        "client_cpu_us_per_req": round(r["client_cpu_s"] / r["requests"] * 1e6, 1),
-        "server_cpu_us_per_req": round(server_cpu / r["requests"] * 1e6, 1),
-        "client_envelopes_per_frame": round(r["requests"] / max(1, r["frames"]), 2),
+        **ms_stats([x for r in runs for x in r["latencies"]], ""),
+        "seconds": round(seconds / len(runs), 3),
+        "repeats": len(runs),
+        "client_cpu_us_per_req": round(sum(r["client_cpu_s"] for r in runs) / total * 1e6, 1),
+        "server_cpu_us_per_req": round(server_cpu / total * 1e6, 1),
+        "client_envelopes_per_frame": round(total / max(1, sum(r["frames"] for r in runs)), 2),
         "floor_req_per_s": round(req_s, 1),
         "other_cpu_util": other_util,
     }
@@ -712,17 +769,28 @@ async def run_all(args: argparse.Namespace) -> int:
                 else:
                     assert e is not None
                     line = await floor(args, e, lifecycles.get(e))
-        except trio.TooSlowError:
-            emit({"bench": name, "executors": e, "error": f"timed out after {args.timeout:g} s"})
-            return 1
-        except (BenchError, ColoniesError) as err:
+        except Exception as group:
+            err = _leaf(group)
+            if isinstance(err, trio.TooSlowError):
+                emit({"bench": name, "executors": e,
+                      "error": f"timed out after {args.timeout:g} s (see --timeout)"})
+                return 1
             emit({"bench": name, "executors": e, "error": f"{type(err).__name__}: {err}"})
+            if not isinstance(err, BenchError | ColoniesError):
+                traceback.print_exc()  # a bug in the bench or the SDK: show where
             return 1
         emit({k: v for k, v in line.items() if not k.startswith("_")})
         if line.get("other_cpu_util", 0) > 0.25:
             progress(f"{label}: warning: other processes used {line['other_cpu_util']} cores "
                      "during the run; its numbers are skewed by them")
     return 0
+
+
+def _leaf(e: BaseException) -> BaseException:
+    """The one exception inside (nested) single-exception groups, or `e` itself."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -732,7 +800,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return trio.run(run_all, args)
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C may come wrapped in an exception group
+        interrupted = isinstance(e, KeyboardInterrupt) or (
+            isinstance(e, BaseExceptionGroup) and e.subgroup(KeyboardInterrupt) is not None
+        )
+        if not interrupted:
+            raise
         progress("interrupted")
         return 130
 

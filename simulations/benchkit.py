@@ -48,13 +48,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def ms_stats(seconds: list[float], prefix: str) -> dict[str, float | None]:
-    """{prefix_ms_p50, prefix_ms_p99} in milliseconds (None when there are no samples)."""
+    """{prefix_ms_p50, prefix_ms_p99, prefix_ms_max} in milliseconds (None: no samples)."""
     s = sorted(seconds)
     if not s:
-        return {f"{prefix}ms_p50": None, f"{prefix}ms_p99": None}
+        return {f"{prefix}ms_p50": None, f"{prefix}ms_p99": None, f"{prefix}ms_max": None}
     return {
         f"{prefix}ms_p50": round(percentile(s, 50) * 1000, 3),
         f"{prefix}ms_p99": round(percentile(s, 99) * 1000, 3),
+        f"{prefix}ms_max": round(s[-1] * 1000, 3),
     }
 
 

@@ -132,7 +132,12 @@ class _TcpStream:
 
 
 class TcpConnection(Connection):
-    """node.connection.Connection (writer batching, reader, call) over plain TCP."""
+    """node.connection.Connection (writer batching, reader, call) over plain TCP.
+
+    Overrides only `_run`, which in Connection opens the libp2p host and stream; it relies on
+    Connection's private split (_run / _writer / _reader / _fail_all, the _stream with
+    read(n) and write(data)), so a change there needs a matching change here.
+    """
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(f"tcp://{host}:{port}")

@@ -7,7 +7,11 @@ Runs `cli.daemon.main` unchanged, with thin wrappers (no behaviour change) aroun
 - node.rpc_server.decode_requests: request frames read, envelopes in them;
 - node.rpc_server.encode_replies: reply frames written (one stream write each), replies in them;
 - node.replicator.pack_batch: Raft entries proposed, commands in them;
-- ReplicatedColony.doTick: ticks.
+- ReplicatedColony.doTick: ticks;
+- ColonyMachine.apply: applied commands by op, and the refused ones by op and error;
+- the garbage collector: collections and their pauses per generation;
+- ReplicatedColony._write_dump: snapshots written (log compaction), and how long they took
+  (they run inline in the node's trio thread).
 The counters are written as JSON to --stats-file at exit, and whenever the file
 `<stats-file>.dump` appears (then deleted), so a benchmark can take a snapshot around its
 measured phase. --cprofile writes a cProfile of the whole run at exit (slows the node ~2x).
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ def install() -> None:
     encode_replies = rpc_mod.encode_replies
     pack_batch = replicator_mod.pack_batch
     do_tick = ReplicatedColony.doTick
+    write_dump = ReplicatedColony._write_dump
 
     def counted_decode(body: bytes) -> Any:
         items = decode_requests(body)
@@ -62,10 +69,52 @@ def install() -> None:
         COUNTERS["ticks"] += 1
         return do_tick(self, *a, **kw)
 
+    def timed_dump(self: ReplicatedColony, *a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return write_dump(self, *a, **kw)
+        finally:
+            ms = (time.perf_counter() - t) * 1000
+            COUNTERS["dumps"] += 1
+            COUNTERS["dump_ms_total"] += round(ms, 3)
+            COUNTERS["dump_ms_max"] = max(COUNTERS["dump_ms_max"], round(ms, 3))
+
+    from consensus.machine import ColonyMachine
+
+    apply = ColonyMachine.apply
+
+    def counted_apply(self: ColonyMachine, cmd: Any, now: int) -> Any:
+        op = cmd.get("op") if isinstance(cmd, dict) else "?"
+        COUNTERS[f"apply:{op}"] += 1
+        try:
+            return apply(self, cmd, now)
+        except Exception as e:
+            COUNTERS[f"refused:{op}:{type(e).__name__}"] += 1
+            raise
+
+    ColonyMachine.apply = counted_apply  # type: ignore[method-assign]
     rpc_mod.decode_requests = counted_decode
     rpc_mod.encode_replies = counted_encode
     replicator_mod.pack_batch = counted_pack
     ReplicatedColony.doTick = counted_tick  # type: ignore[method-assign]
+    ReplicatedColony._write_dump = timed_dump  # type: ignore[method-assign]
+
+
+def watch_gc() -> None:
+    """Time the collector's pauses (generation 2 walks the whole heap)."""
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - started[0]) * 1000
+        gen = info.get("generation")
+        COUNTERS[f"gc{gen}"] += 1
+        COUNTERS[f"gc{gen}_ms_total"] += round(ms, 3)
+        COUNTERS[f"gc{gen}_ms_max"] = max(COUNTERS[f"gc{gen}_ms_max"], round(ms, 3))
+
+    gc.callbacks.append(on_gc)
 
 
 def snapshot() -> dict[str, Any]:
@@ -97,6 +146,7 @@ def main() -> int:
     args = p.parse_args()
     daemon_args = [a for a in args.daemon_args if a != "--"]
     install()
+    watch_gc()
     from cli.daemon import main as daemon_main
 
     stop = threading.Event()
