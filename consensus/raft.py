@@ -26,16 +26,24 @@ divergence), so every call out of this module into user code is wrapped.
 
 PySyncObj's remaining pickle paths are its own: MEMBERSHIP and VERSION commands, and the
 chunked transfer of a single entry >= ``appendEntriesBatchSizeBytes``. The last one is kept
-unreachable for our batches by ``MAX_ENTRY_BYTES`` (``propose`` refuses anything bigger); the
-first two need the transport's restricted unpickler.
+unreachable for our batches by ``MAX_ENTRY_BYTES`` (``propose`` refuses anything bigger), and
+the transport (``node/raft_transport.py``) drops any received message that carries a
+``transmission`` chunk. The first two never reach ``pickle.loads`` here: MEMBERSHIP commands
+go through ``_SyncObj__parseChangeClusterRequest`` (overridden: a restricted unpickler that
+knows ``pysyncobj.node.Node`` and nothing else, then a shape check), VERSION commands are
+checked the same way and ignored (we have no ``@replicated`` methods, so no code versions).
+A cluster member can still propose whatever log entries it likes (Raft trusts its members),
+but it cannot make another node run code.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import logging
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +68,8 @@ DUMP_FORMAT = 1
 MAX_ENTRY_BYTES = 2 * 1024 * 1024
 
 _REGULAR = bytes([_COMMAND_TYPE.REGULAR])
+_MEMBERSHIP = bytes([_COMMAND_TYPE.MEMBERSHIP])
+_VERSION = bytes([_COMMAND_TYPE.VERSION])
 _Entry = tuple[bytes, int, int]  # a PySyncObj log entry: (command, index, term)
 _STATE_NAMES = {
     _RAFT_STATE.FOLLOWER: "follower",
@@ -205,6 +215,79 @@ def decode_dump(blob: bytes) -> dict[str, Any]:
     return data
 
 
+# --- PySyncObj's own pickle paths, restricted ---------------------------------------------------
+
+# The only global a MEMBERSHIP command needs: addNodeToCluster/removeNodeFromCluster pickle
+# ['add'|'rem', node_id, Node(node_id, ...)] with protocol 2, where a str-only Node is
+# GLOBAL + NEWOBJ + BUILD (no copyreg, no _codecs: those appear only for bytes attributes).
+MEMBERSHIP_GLOBALS = frozenset({("pysyncobj.node", "Node")})
+MAX_NODE_ID_CHARS = 256
+MAX_NODE_ADDR_CHARS = 1024
+# What the parser hands PySyncObj for a refused MEMBERSHIP command: not None (PySyncObj would
+# then take the command for a regular one), and a request type that __doChangeCluster refuses
+# without side effects, so the leader answers REQUEST_DENIED and the other nodes ignore it.
+_REFUSED_CHANGE = ("refused", "")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals it is given. Every way pickle has to run
+    code (REDUCE, NEWOBJ, BUILD with __setstate__, INST/OBJ, extensions) needs a callable or a
+    class from find_class first, so refusing globals refuses code execution."""
+
+    def __init__(self, data: bytes, allowed: frozenset[tuple[str, str]]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed here")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed here")
+
+
+def restricted_loads(data: bytes, allowed: frozenset[tuple[str, str]] = frozenset()) -> Any:
+    """pickle.loads that refuses every global not in ``allowed`` (UnpicklingError)."""
+    return _RestrictedUnpickler(bytes(data), allowed).load()
+
+
+def parse_membership_command(payload: bytes) -> list[Any] | None:
+    """A MEMBERSHIP command's pickle (without its type byte) as ``[kind, node_id, Node]``, or
+    None if it is anything else than what addNodeToCluster/removeNodeFromCluster produce.
+
+    The Node is rebuilt from the checked fields rather than returned as unpickled: only its id
+    and an optional ``addr`` string (a libp2p multiaddr the transport may dial) survive.
+    """
+    try:
+        request = restricted_loads(payload, MEMBERSHIP_GLOBALS)
+    except Exception:
+        return None
+    if type(request) is not list or len(request) != 3:
+        return None
+    kind, node_id, node = request
+    if kind not in ("add", "rem") or type(node_id) is not str:
+        return None
+    if not 0 < len(node_id) <= MAX_NODE_ID_CHARS or type(node) is not Node:
+        return None
+    attrs = dict(vars(node))
+    if attrs.pop("_id", None) != node_id:
+        return None
+    addr = attrs.pop("addr", None)
+    if attrs or (addr is not None and (type(addr) is not str or len(addr) > MAX_NODE_ADDR_CHARS)):
+        return None
+    return [kind, node_id, Node(node_id) if addr is None else Node(node_id, addr=addr)]
+
+
+def parse_version_command(payload: bytes) -> int | None:
+    """A VERSION command's pickled int (no globals allowed), or None."""
+    try:
+        version = restricted_loads(payload)
+    except Exception:
+        return None
+    return version if type(version) is int else None
+
+
 def _error_results(batch: bytes, message: str) -> list[list[Any]]:
     """One [500, message] per command of a batch, for an apply that raised."""
     try:
@@ -219,6 +302,10 @@ class ReplicatedColony(SyncObj):
 
     Never ticks by itself (``autoTick=False``): the owner calls ``doTick(0)``. Read the state
     through ``machine`` every time, since loading a snapshot replaces the object.
+
+    ``joining=True`` is for the first start of a node that joins a running group: it starts
+    with the current members as partners and waits, without standing for election, until the
+    leader (which runs ``addNodeToCluster`` for it) contacts it.
     """
 
     def __init__(
@@ -233,6 +320,7 @@ class ReplicatedColony(SyncObj):
         timeouts: RaftTimeouts | None = None,
         log_compaction_min_entries: int = 5000,
         log_compaction_min_time: float = 300.0,
+        joining: bool = False,
     ) -> None:
         partners = [p for p in dict.fromkeys(partner_ids) if p != self_id]
         if transport is None:
@@ -257,6 +345,12 @@ class ReplicatedColony(SyncObj):
         self._self_id = self_id
         self._fatal_error: str | None = None
         self._closed = False
+        # A node that joins a running group (the leader then runs addNodeToCluster for it)
+        # must not stand for election before it has heard from that group's leader: PySyncObj
+        # has no pre-vote, so its vote requests (a higher term, an empty log) would depose the
+        # leader the moment a session comes up. Cleared for good once a leader is known.
+        self._joining = joining
+        self._refused_commands = 0
         self._data_dir = directory
         self._lock_fd = _lock_data_dir(directory / LOCK_FILE)
 
@@ -392,7 +486,19 @@ class ReplicatedColony(SyncObj):
     # --- apply (the override PySyncObj calls for every committed entry) -----------------------
 
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
-        if command[:1] != _REGULAR:
+        kind = command[:1]
+        if kind != _REGULAR:
+            if not kind:
+                return None  # PySyncObj would raise on ord(b""), every tick, forever
+            if kind == _VERSION:
+                # We have no @replicated methods, hence no code versions to switch; PySyncObj's
+                # own handling would pickle.loads the payload and, for a version above ours,
+                # leave raftLastApplied one behind (the next entry is then applied twice).
+                version = parse_version_command(bytes(command[1:]))
+                self._refused_commands += 1
+                log.warning("ignoring a raft VERSION command (version %r)", version)
+                return None
+            # NO_OP, MEMBERSHIP (parsed by the override below) and unknown types.
             return SyncObj._SyncObj__doApplyCommand(self, command)
         batch = bytes(command[1:])
         try:
@@ -404,6 +510,39 @@ class ReplicatedColony(SyncObj):
             results = _error_results(batch, "internal error while applying the command")
         self._notify_applied()
         return results
+
+    # --- PySyncObj internals overridden for safety -------------------------------------------
+
+    def _SyncObj__parseChangeClusterRequest(self, command: bytes) -> Any:
+        """PySyncObj parses every MEMBERSHIP command with ``pickle.loads``: on the leader for
+        a command a follower forwarded (``apply_command``), on followers for the entries they
+        receive, and on every node when applying or replaying the log. Name-mangled like
+        ``__doApplyCommand``, so this override serves all those call sites."""
+        if command[:1] != _MEMBERSHIP:
+            return None
+        request = parse_membership_command(bytes(command[1:]))
+        if request is None:
+            self._refused_commands += 1
+            log.error("refused a malformed raft MEMBERSHIP command (%d bytes)", len(command))
+            return list(_REFUSED_CHANGE)
+        return request
+
+    def _SyncObj__connectedToAnyone(self) -> bool:
+        """PySyncObj's gate for starting an election; closed while joining (see __init__)."""
+        if self._joining:
+            if self._getLeader() is None:
+                return False
+            self._joining = False
+        return bool(SyncObj._SyncObj__connectedToAnyone(self))
+
+    @property
+    def joining(self) -> bool:
+        return self._joining
+
+    @property
+    def refused_commands(self) -> int:
+        """MEMBERSHIP/VERSION commands refused or ignored (malformed or not allowed)."""
+        return self._refused_commands
 
     def _notify_applied(self) -> None:
         hook = self._on_applied

@@ -45,16 +45,24 @@ class Client:
     async def connect(
         cls, addr: str, key: PrivateKey | str, timeout: float = 10.0
     ) -> AsyncIterator[Client]:
-        async with trio.open_nursery() as nursery:
-            conn = await Connection.open(nursery, addr, timeout)
-            try:
-                key = _key(key)
-                info = await conn.call(
-                    seal(key, "getserverinfomsg", {}, ANY_AUDIENCE, _now_ms()), timeout
-                )
-                yield cls(conn, key, info["clusterid"], info)
-            finally:
-                await conn.aclose()
+        try:
+            async with trio.open_nursery() as nursery:
+                conn = await Connection.open(nursery, addr, timeout)
+                try:
+                    key = _key(key)
+                    info = await conn.call(
+                        seal(key, "getserverinfomsg", {}, ANY_AUDIENCE, _now_ms()), timeout
+                    )
+                    yield cls(conn, key, info["clusterid"], info)
+                finally:
+                    await conn.aclose()
+        except BaseExceptionGroup as group:
+            # The nursery wraps what the caller's block raised; give them the error itself,
+            # so `except NotFound:` around the block works.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
 
     def with_key(self, key: PrivateKey | str) -> Client:
         return Client(self.conn, _key(key), self.cluster_id, self.server_info)
@@ -247,6 +255,13 @@ class Client:
 
     async def attribute(self, attribute_id: str) -> dict:
         return await self.call("getattributemsg", {"attributeid": attribute_id})
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def _now_ms() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -91,12 +92,42 @@ def full_addrs(host: IHost) -> list[str]:
     return out
 
 
+def check_port_free(listen: str) -> None:
+    """Refuse a fixed TCP port that another process listens on.
+
+    libp2p's listener sets SO_REUSEPORT, so a second node on the same port would start without
+    an error and the kernel would split connections between the two. A plain bind (SO_REUSEADDR
+    only, so TIME_WAIT leftovers of an earlier run do not count) fails while any socket listens
+    there.
+    """
+    parts = listen.strip("/").split("/")
+    if len(parts) < 4 or parts[0] not in ("ip4", "ip6") or parts[2] != "tcp":
+        return
+    try:
+        port = int(parts[3])
+    except ValueError:
+        return
+    if port == 0:
+        return
+    family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((parts[1], port))
+        except OSError as e:
+            raise BadRequest(
+                f"cannot listen on {listen}: {e.strerror} (is another colonyd running there?)"
+            ) from None
+
+
 @asynccontextmanager
 async def running_host(key: PrivateKey, listen: list[str]) -> AsyncIterator[IHost]:
     """A started host; always closed on exit (leaving host.run() alone leaks the listener)."""
     quiet_libp2p_logs()
     host = make_host(key)
     addrs = [parse_multiaddr(a) for a in listen]
+    for a in listen:
+        check_port_free(a)
     try:
         async with host.run(listen_addrs=addrs):
             yield host

@@ -96,3 +96,19 @@ def test_bad_listen_address_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert r.returncode != 0
     assert "invalid multiaddr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_fixed_port_in_use_is_refused(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "cli.daemon", "--data-dir", str(tmp_path / "n"),
+             "--listen", f"/ip4/127.0.0.1/tcp/{port}"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert r.returncode != 0
+    assert "cannot listen on" in r.stderr and "Traceback" not in r.stderr

@@ -72,3 +72,11 @@ async def test_sync_client(colony: Colony) -> None:
 
     submitted, final = await trio.to_thread.run_sync(work)
     assert final["processid"] == submitted["processid"] and final["state"] == SUCCESS
+
+
+async def test_errors_from_the_client_block_are_not_wrapped(colony: Colony) -> None:
+    from protocol.errors import NotFound
+
+    with pytest.raises(NotFound):
+        async with Client.connect(colony.addr, colony.executor) as c:
+            await c.process("ab" * 32)

@@ -1,0 +1,889 @@
+"""PySyncObj's Raft traffic over libp2p streams, driven from the trio loop (no threads).
+
+One long-lived stream per pair of cluster members (protocol ``/colonies/raft/1.0.0``) on the
+node's own libp2p host: no second port, Noise-authenticated peer ids, and the Raft node id *is*
+the libp2p peer id, so the Raft member list and the transport's allow-list are one list.
+
+Wire: a 4-byte length prefix (``protocol.framing``) and a msgpack map per Raft message
+(``use_bin_type=True``), or a one-byte heartbeat body (msgpack nil). A frame is at most
+``RAFT_MAX_FRAME_BYTES`` (4 MiB); an append-entries message bigger than that is sent as
+several consecutive append-entries (PySyncObj batches up to ``appendEntriesBatchSizeBytes``
+of entries plus one more, each entry below ``MAX_ENTRY_BYTES``).
+
+How PySyncObj is driven (see ``notes/raft-over-libp2p.md``):
+
+* ``send(node, msg)`` runs inside ``doTick`` or inside ``_onMessageReceived``, in the trio
+  thread. It packs the message and ``send_nowait``s the frame on that peer's session queue.
+  It never awaits and never raises; it returns False when there is no live session or when the
+  queue is beyond its hard bound (the session is then dropped, as a broken TCP connection
+  would be, and PySyncObj hears ``_onNodeDisconnected`` at once). Past a soft byte budget,
+  append-entries that carry entries are shed instead: PySyncObj re-sends from the follower's
+  acknowledged index (a lagging follower then catches up at the link's pace, not at the rate
+  the leader can pack).
+* Per session a writer drains every queued frame into one ``stream.write`` (a libp2p write
+  costs far more than its bytes) and a reader decodes frames and calls
+  ``_onMessageReceived`` directly, catching every exception per message, then kicks the
+  ticker (``attach(kick)``).
+* ``_onNodeConnected``/``_onNodeDisconnected`` follow the session exactly: PySyncObj only
+  sends append-entries to connected nodes and only stands for election when connected to
+  someone.
+
+Sessions: the member whose id string is smaller dials; the other accepts. A member also dials
+when it knows the address but has had no session for ``ANSWER_DELAY_S`` (the smaller one may
+not know our address: a node added with ``addNodeToCluster`` and no ``addr``). When both
+sessions exist, both ends keep the one the smaller id initiated (the same rule on both ends,
+so they agree without talking); a newer session from the same initiator replaces the old one
+(the initiator only dials when it has none, so it thinks the old one dead). Inbound streams
+from peer ids not on the member list are reset before a byte is read. The accepting end
+writes a heartbeat frame first and the dialing end counts its session as up only once that
+arrived, so a dialer that is refused (not yet a member over there) never reports the peer
+connected, even for a moment. Each dial attempt clears
+libp2p's negative dial cache first (``node.p2p.connect``) and is bounded by ``DIAL_TIMEOUT_S``;
+failed attempts retry every 0.3-0.5 s until cancelled.
+
+Hung peers: libp2p notices a dead peer (EOF) but never a hung one. Each writer sends a
+heartbeat frame after ``HEARTBEAT_S`` without a write, and a reader that hears nothing for
+``PEER_SILENT_S`` ends the session and closes the libp2p connection (so the next dial opens a
+fresh one instead of reusing the hung one). Raft's own timeouts still decide leadership; this
+only frees the session and its queue, and lets PySyncObj see the peer as disconnected.
+
+Security: only members exchange Raft traffic. A message is checked against the shape
+PySyncObj 0.3.17 sends for its type and rebuilt from the known fields (entries back to
+``(command, idx, term)`` tuples, snapshot chunks to ``(data, is_first, is_last)``); anything
+else is dropped. Messages carrying a ``transmission`` chunk are always dropped: PySyncObj
+would ``pickle.loads`` the reassembled chunks, and our entries never need them. The pickle
+left in MEMBERSHIP/VERSION commands is parsed with a restricted unpickler by
+``consensus.raft.ReplicatedColony``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID as PeerID
+from pysyncobj.node import Node
+from pysyncobj.transport import Transport
+
+from consensus.raft import MAX_ENTRY_BYTES
+from node.p2p import connect, parse_peer_addr
+from protocol.errors import ColoniesError
+from protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, unpack_untrusted
+
+log = logging.getLogger("colonies.raft.transport")
+
+RAFT_PROTOCOL_ID = "/colonies/raft/1.0.0"
+RAFT_MAX_FRAME_BYTES = MAX_FRAME_BYTES  # 4 MiB: one entry (< MAX_ENTRY_BYTES) always fits
+assert RAFT_MAX_FRAME_BYTES >= MAX_ENTRY_BYTES + 64 * 1024
+
+READ_SIZE = 65536
+WRITE_CHUNK_BYTES = 1024 * 1024  # a writer drains up to this much into one write
+DIAL_TIMEOUT_S = 3.0
+REDIAL_DELAY_S = (0.3, 0.5)
+ANSWER_DELAY_S = 1.5  # how long the larger id waits for the smaller one to dial first
+HEARTBEAT_S = 0.5
+PEER_SILENT_S = 3.0
+MAX_QUEUED_BYTES = 16 * 1024 * 1024  # soft: beyond it, entry-carrying append-entries are shed
+MAX_QUEUED_BYTES_HARD = 256 * 1024 * 1024  # beyond it (or MAX_QUEUED_FRAMES) the session drops
+MAX_QUEUED_FRAMES = 65536
+
+HEARTBEAT = b"\xc0"  # msgpack nil: never a Raft message
+_HEARTBEAT_FRAME = encode_frame(HEARTBEAT)
+
+
+class RaftMessageRefused(ValueError):
+    """A received frame that is not a Raft message PySyncObj 0.3.17 could have sent."""
+
+
+class RaftMessageTooLarge(ValueError):
+    """A message that cannot be split into frames under the limit (a bug upstream)."""
+
+
+# --- the codec (pure) ----------------------------------------------------------------------------
+
+
+def _uint(v: object) -> bool:
+    return type(v) is int and v >= 0  # type(): bool is not an int here
+
+
+def _opt_uint(v: object) -> bool:
+    return v is None or _uint(v)
+
+
+def _bool(v: object) -> bool:
+    return type(v) is bool
+
+
+def _command(v: object) -> bool:
+    return type(v) is bytes and 0 < len(v) <= MAX_ENTRY_BYTES
+
+
+# Per message type: required fields and optional fields, with their checks. These are all the
+# messages PySyncObj 0.3.17 sends through a Transport (syncobj.py); utility messages only
+# exist in TCPTransport's handshake and are not part of this protocol.
+_REQUIRED: dict[str, dict[str, Callable[[object], bool]]] = {
+    "request_vote": {"term": _uint, "last_log_index": _uint, "last_log_term": _uint},
+    "response_vote": {"term": _uint},
+    "timeout_now": {"term": _uint},
+    "next_node_idx": {"next_node_idx": _uint, "reset": _bool, "success": _bool},
+    "apply_command": {"command": _command},
+    "apply_command_response": {"request_id": _uint},
+    "append_entries": {"term": _uint, "commit_index": _uint},
+}
+_OPTIONAL: dict[str, dict[str, Callable[[object], bool]]] = {
+    "apply_command": {"request_id": _uint},
+    "apply_command_response": {"error": _uint, "log_idx": _uint, "log_term": _uint},
+    "append_entries": {"prevLogIdx": _opt_uint, "prevLogTerm": _opt_uint},
+}
+
+
+def _entries(v: object) -> list[tuple[bytes, int, int]]:
+    if type(v) is not list:
+        raise RaftMessageRefused("append_entries entries must be an array")
+    out: list[tuple[bytes, int, int]] = []
+    for e in v:
+        if type(e) is not list or len(e) != 3 or not _command(e[0]):
+            raise RaftMessageRefused("an entry must be [command bytes, index, term]")
+        if not (_uint(e[1]) and _uint(e[2])):
+            raise RaftMessageRefused("an entry's index and term must be unsigned ints")
+        out.append((e[0], e[1], e[2]))
+    return out
+
+
+def _snapshot_chunk(v: object) -> tuple[bytes, bool, bool] | None:
+    if v is None:
+        return None
+    if type(v) is not list or len(v) != 3:
+        raise RaftMessageRefused("a snapshot chunk must be [data, is_first, is_last]")
+    data, first, last = v
+    if type(data) is not bytes or not (_bool(first) and _bool(last)):
+        raise RaftMessageRefused("a snapshot chunk must be [bytes, bool, bool]")
+    return (data, first, last)
+
+
+def decode_raft_message(body: bytes) -> dict[str, Any]:
+    """A frame body as the dict PySyncObj expects, or RaftMessageRefused.
+
+    Only known fields are copied; lists that PySyncObj sent as tuples become tuples again.
+    """
+    try:
+        msg = unpack_untrusted(body, "raft message")
+    except ColoniesError as e:
+        raise RaftMessageRefused(e.message) from None
+    if type(msg) is not dict:
+        raise RaftMessageRefused("a raft message must be a map")
+    if "transmission" in msg:
+        # Chunks of one pickled entry, which PySyncObj would pickle.loads once reassembled.
+        raise RaftMessageRefused("chunked ('transmission') entries are not accepted")
+    kind = msg.get("type")
+    required = _REQUIRED.get(kind) if type(kind) is str else None
+    if required is None:
+        raise RaftMessageRefused(f"unknown raft message type {str(kind)[:40]!r}")
+    out: dict[str, Any] = {"type": kind}
+    for name, check in required.items():
+        if name not in msg or not check(msg[name]):
+            raise RaftMessageRefused(f"{kind} needs a valid {name!r}")
+        out[name] = msg[name]
+    for name, check in _OPTIONAL.get(kind, {}).items():
+        if name in msg:
+            if not check(msg[name]):
+                raise RaftMessageRefused(f"{kind} has an invalid {name!r}")
+            out[name] = msg[name]
+    if kind == "append_entries":
+        if "prevLogIdx" in out:
+            if "prevLogTerm" not in out:
+                raise RaftMessageRefused("append_entries with prevLogIdx needs prevLogTerm")
+            out["entries"] = _entries(msg.get("entries", []))
+        elif "serialized" in msg:
+            out["serialized"] = _snapshot_chunk(msg["serialized"])
+    elif kind == "apply_command_response" and "error" not in out:
+        if "log_idx" not in out or "log_term" not in out:
+            raise RaftMessageRefused("apply_command_response needs an error or log_idx/log_term")
+    return out
+
+
+def encode_raft_message(message: Mapping[str, Any], max_body: int = RAFT_MAX_FRAME_BYTES) -> list[bytes]:
+    """A Raft message as one or more frame bodies of at most ``max_body`` bytes.
+
+    Only append-entries can be too big; it is split into consecutive append-entries (the
+    second half's prevLogIdx/prevLogTerm are the first half's last entry), which a follower
+    handles exactly like PySyncObj's own pipelined batches.
+    """
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) <= max_body:
+        return [body]
+    entries = message.get("entries")
+    if (
+        message.get("type") != "append_entries"
+        or "prevLogIdx" not in message
+        or not isinstance(entries, list | tuple)
+        or len(entries) < 2
+    ):
+        raise RaftMessageTooLarge(
+            f"raft {message.get('type')!r} message of {len(body)} bytes exceeds {max_body}"
+        )
+    mid = len(entries) // 2
+    head, tail = list(entries[:mid]), list(entries[mid:])
+    last = head[-1]
+    first_part = {**message, "entries": head}
+    second_part = {**message, "entries": tail, "prevLogIdx": last[1], "prevLogTerm": last[2]}
+    return encode_raft_message(first_part, max_body) + encode_raft_message(second_part, max_body)
+
+
+def _sheddable(message: Mapping[str, Any]) -> bool:
+    """Append-entries with entries: PySyncObj re-sends them when the follower's ack shows the
+    gap. Never snapshot chunks (a lost chunk corrupts the follower's dump) nor control
+    messages (small, and losing them only slows Raft down)."""
+    return message.get("type") == "append_entries" and bool(message.get("entries"))
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Session:
+    peer: str
+    stream: Any
+    initiator: str
+    send: trio.MemorySendChannel[bytes]
+    recv: trio.MemoryReceiveChannel[bytes]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    queued_bytes: int = 0
+    current: bool = False
+    silent: bool = False  # ended because the peer stopped sending (hung, or a silent network)
+
+
+class _RateLimitedLog:
+    def __init__(self, period: float = 5.0) -> None:
+        self.period = period
+        self._last: dict[str, float] = {}
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.period:
+            self._last[key] = now
+            log.warning(msg, *args)
+
+
+class StreamRaftTransport(Transport):
+    """The PySyncObj transport over any ordered, reliable byte streams between members.
+
+    Subclasses say how to open a stream to a member and how inbound streams arrive (libp2p
+    here, an in-memory network in ``node/memory_transport.py``); sessions, framing, the
+    allow-list, heartbeats and PySyncObj's callbacks live here, so the tests' in-memory twin
+    runs the same code as production.
+
+    Everything is called from the trio thread. ``ready`` is True from the start (with
+    ``autoTick=False`` the SyncObj constructor busy-loops until it is).
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        members: Mapping[str, str | None],
+        *,
+        heartbeat: float = HEARTBEAT_S,
+        silent_after: float = PEER_SILENT_S,
+        dial_timeout: float = DIAL_TIMEOUT_S,
+        answer_delay: float = ANSWER_DELAY_S,
+        max_frame_bytes: int = RAFT_MAX_FRAME_BYTES,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        on_members_changed: Callable[[dict[str, str | None]], None] | None = None,
+    ) -> None:
+        super().__init__(None, None, [])
+        if not 0 < heartbeat < silent_after:
+            raise ValueError("need 0 < heartbeat < silent_after")
+        self.self_id = self_id
+        self._heartbeat = heartbeat
+        self._silent_after = silent_after
+        self._dial_timeout = dial_timeout
+        self._answer_delay = answer_delay
+        self._max_frame = max_frame_bytes
+        self._max_queued = max_queued_bytes
+        self._on_members_changed = on_members_changed
+        self._kick: Callable[[], None] = lambda: None
+
+        self._members: dict[str, str | None] = {}
+        self._nodes: dict[str, Node] = {}
+        self._sessions: dict[str, _Session] = {}  # the current session per peer
+        self._live: set[_Session] = set()
+        self._dialers: dict[str, trio.CancelScope] = {}
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._running = False
+        self._destroyed = False
+        self._warn = _RateLimitedLog()
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "sessions_opened",
+                "sessions_replaced",
+                "duplicate_sessions",
+                "inbound_refused",
+                "dial_failures",
+                "peers_silent",
+                "frames_sent",
+                "writes",
+                "messages_received",
+                "messages_refused",
+                "transmission_refused",
+                "callback_errors",
+                "shed",
+                "queue_overflows",
+                "send_failures",
+            ),
+            0,
+        )
+        for peer, addr in members.items():
+            self._add(peer, addr, override=True)
+
+    # --- wiring ----------------------------------------------------------------------------------
+
+    def attach(self, kick: Callable[[], None]) -> None:
+        """``kick()`` wakes the Raft ticker (``Replicator.kick``): called after received
+        frames are delivered and after sessions come and go."""
+        self._kick = kick
+
+    @property
+    def members(self) -> dict[str, str | None]:
+        """The allow-list: peer id -> address (None: not known, it must dial us)."""
+        return dict(self._members)
+
+    @property
+    def connected(self) -> list[str]:
+        """Peers with a live session."""
+        return sorted(self._sessions)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "members": sorted(self._members),
+            "connected": self.connected,
+            "queued_bytes": {p: s.queued_bytes for p, s in sorted(self._sessions.items())},
+        }
+
+    # --- membership ------------------------------------------------------------------------------
+
+    def set_members(self, members: Mapping[str, str | None]) -> None:
+        """Replace the member list (other members: peer id -> address or None). Sessions with
+        peers no longer listed end; new peers get a dial loop."""
+        wanted = {p: a for p, a in members.items() if p != self.self_id}
+        for peer in [p for p in self._members if p not in wanted]:
+            self._remove(peer)
+        for peer, addr in wanted.items():
+            self._add(peer, addr, override=True)
+        self._members_changed()
+
+    def add_member(self, peer_id: str, addr: str | None = None) -> None:
+        """Allow ``peer_id`` and, if given, record (or replace) its address."""
+        self._add(peer_id, addr, override=addr is not None)
+        self._members_changed()
+
+    def remove_member(self, peer_id: str) -> None:
+        self._remove(peer_id)
+        self._members_changed()
+
+    def _check_addr(self, peer: str, addr: str) -> str | None:
+        """The address to dial for ``peer``, or None if ``addr`` cannot be it."""
+        return addr
+
+    def _add(self, peer: str, addr: str | None, *, override: bool) -> None:
+        if not isinstance(peer, str) or not peer or peer == self.self_id:
+            return
+        if addr is not None:
+            addr = self._check_addr(peer, addr)
+        if peer not in self._members or (override and addr is not None) or (
+            self._members[peer] is None and addr is not None
+        ):
+            self._members[peer] = addr
+        self._ensure_dialer(peer)
+        self._notify_change()
+
+    def _remove(self, peer: str) -> None:
+        self._members.pop(peer, None)
+        session = self._sessions.get(peer)
+        if session is not None:
+            self._end_session(session)
+        scope = self._dialers.pop(peer, None)
+        if scope is not None:
+            scope.cancel()
+        self._notify_change()
+
+    def _members_changed(self) -> None:
+        hook = self._on_members_changed
+        if hook is None:
+            return
+        try:
+            hook(dict(self._members))
+        except Exception:
+            log.exception("on_members_changed hook raised (ignored)")
+
+    # --- PySyncObj's Transport interface ---------------------------------------------------------
+
+    def tryGetReady(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def waitReady(self) -> None:
+        pass
+
+    def addNode(self, node: Node) -> None:
+        """PySyncObj added a member (a MEMBERSHIP entry, a snapshot's member list). Its
+        address comes from the Node's ``addr`` attribute if it has one (``addNodeToCluster(
+        Node(peer_id, addr=multiaddr))`` replicates it to every member), else from what
+        ``set_members``/``add_member`` recorded, else the peer must dial us."""
+        try:
+            addr = getattr(node, "addr", None)
+            self._add(str(node.id), addr if isinstance(addr, str) else None, override=False)
+            self._members_changed()
+        except Exception:
+            log.exception("raft transport addNode failed (ignored)")
+
+    def dropNode(self, node: Node) -> None:
+        try:
+            self._remove(str(node.id))
+            self._members_changed()
+        except Exception:
+            log.exception("raft transport dropNode failed (ignored)")
+
+    def send(self, node: Node, message: Any) -> bool:
+        try:
+            return self._send(str(node.id), message)
+        except Exception:
+            self.counters["send_failures"] += 1
+            self._warn.warning("send", "raft send to %s failed", node, exc_info=True)
+            return False
+
+    def destroy(self) -> None:
+        """Called by SyncObj.destroy (ReplicatedColony.close): no callback into PySyncObj after
+        this, every session ends, and ``run`` returns."""
+        self._destroyed = True
+        self.setOnMessageReceivedCallback(None)
+        self.setOnNodeConnectedCallback(None)
+        self.setOnNodeDisconnectedCallback(None)
+        self.setOnReadonlyNodeConnectedCallback(None)
+        self.setOnReadonlyNodeDisconnectedCallback(None)
+        self._stop_all()
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def _send(self, peer: str, message: Any) -> bool:
+        session = self._sessions.get(peer)
+        if session is None or self._destroyed:
+            return False
+        if "transmission" in message:
+            # Never produced for our entries (< appendEntriesBatchSizeBytes); the receiver
+            # would drop it anyway.
+            self.counters["transmission_refused"] += 1
+            self._warn.warning("tx", "not sending a chunked raft entry to %s", peer)
+            return False
+        bodies = encode_raft_message(message, self._max_frame)
+        frames = [encode_frame(b) for b in bodies]
+        size = sum(len(f) for f in frames)
+        if session.queued_bytes + size > self._max_queued and _sheddable(message):
+            self.counters["shed"] += 1
+            return False
+        if session.queued_bytes + size > MAX_QUEUED_BYTES_HARD:
+            return self._overflow(session)
+        for frame in frames:
+            try:
+                session.send.send_nowait(frame)
+            except trio.WouldBlock:
+                return self._overflow(session)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._end_session(session)
+                return False
+            session.queued_bytes += len(frame)
+        self.counters["frames_sent"] += len(frames)
+        return True
+
+    def _overflow(self, session: _Session) -> bool:
+        self.counters["queue_overflows"] += 1
+        self._warn.warning(
+            "overflow:" + session.peer,
+            "raft queue to %s is full (%d bytes): dropping the session",
+            session.peer,
+            session.queued_bytes,
+        )
+        self._end_session(session)
+        return False
+
+    # --- running ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept inbound sessions and dial members until cancelled (or ``destroy``)."""
+        if self._running or self._destroyed:
+            raise RuntimeError("a raft transport runs once")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._running = True
+                self._start_listening()
+                for peer in list(self._members):
+                    self._ensure_dialer(peer)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._stop_all()
+
+    def _stop_all(self) -> None:
+        was_running = self._running
+        self._running = False
+        if was_running:
+            try:
+                self._stop_listening()
+            except Exception:
+                log.exception("raft transport: removing the stream handler failed")
+        for session in list(self._live):
+            self._end_session(session)
+        for scope in self._dialers.values():
+            scope.cancel()
+        self._dialers.clear()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        self._notify_change()
+
+    def _start_listening(self) -> None:
+        raise NotImplementedError
+
+    def _stop_listening(self) -> None:
+        raise NotImplementedError
+
+    async def _open_stream(self, peer: str, addr: str) -> Any:
+        """A new stream to ``peer`` at ``addr`` (raise on failure; bounded by the caller)."""
+        raise NotImplementedError
+
+    async def _forget_connection(self, peer: str) -> None:
+        """Drop the underlying connection to a peer that went silent."""
+
+    # --- dialing ---------------------------------------------------------------------------------
+
+    def _notify_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _ensure_dialer(self, peer: str) -> None:
+        if not self._running or self._nursery is None or peer in self._dialers:
+            return
+        scope = trio.CancelScope()
+        self._dialers[peer] = scope
+        self._nursery.start_soon(self._dial_loop, peer, scope)
+
+    async def _dial_loop(self, peer: str, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                while True:
+                    addr = self._members.get(peer)
+                    if peer in self._sessions or addr is None:
+                        await self._changed.wait()
+                        continue
+                    if self.self_id > peer and not await self._smaller_did_not_dial(peer):
+                        continue
+                    addr = self._members.get(peer)
+                    if addr is None or peer in self._sessions:
+                        continue
+                    opened = await self._attempt(peer, addr)
+                    if opened is not None:
+                        stream, decoder, early = opened
+                        await self._run_session(
+                            peer, stream, initiator=self.self_id, decoder=decoder, early=early
+                        )
+                    await trio.sleep(random.uniform(*REDIAL_DELAY_S))
+            finally:
+                if self._dialers.get(peer) is scope:
+                    del self._dialers[peer]
+
+    async def _smaller_did_not_dial(self, peer: str) -> bool:
+        """Waits up to ``answer_delay`` for a session to ``peer``; True if none came."""
+        with trio.move_on_after(self._answer_delay):
+            while peer not in self._sessions:
+                await self._changed.wait()
+        return peer not in self._sessions
+
+    async def _attempt(self, peer: str, addr: str) -> tuple[Any, FrameDecoder, list[bytes]] | None:
+        """A stream to ``peer`` whose accepting end said hello: (stream, its decoder, the
+        frame bodies that came with the hello), or None."""
+        stream = None
+        try:
+            with trio.fail_after(self._dial_timeout):
+                stream = await self._open_stream(peer, addr)
+                decoder = FrameDecoder(self._max_frame)
+                while True:
+                    data = await stream.read(READ_SIZE)
+                    if not data:
+                        raise EOFError("refused")
+                    bodies = decoder.feed(data)
+                    if bodies:
+                        if bodies[0] != HEARTBEAT:
+                            raise ValueError("the accepting end did not start with a hello")
+                        return stream, decoder, bodies[1:]
+        except trio.TooSlowError:
+            # A hung connection makes new streams hang: start over with a fresh one.
+            self.counters["dial_failures"] += 1
+            log.debug("raft dial to %s timed out", peer)
+            await self._forget(peer)
+        except Exception as e:
+            self.counters["dial_failures"] += 1
+            log.debug("raft dial to %s failed: %r", peer, e)
+        if stream is not None:
+            await _reset(stream)
+        return None
+
+    async def _forget(self, peer: str) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                await self._forget_connection(peer)
+            except Exception as e:
+                log.debug("closing the connection to %s failed: %r", peer, e)
+
+    # --- sessions --------------------------------------------------------------------------------
+
+    async def _accept(self, peer: str, stream: Any) -> None:
+        """An inbound stream from ``peer`` (already authenticated by the caller)."""
+        if not self._running or peer == self.self_id or peer not in self._members:
+            self.counters["inbound_refused"] += 1
+            self._warn.warning(
+                "refused:" + peer, "refused a raft stream from non-member %s", peer
+            )
+            await _reset(stream)
+            return
+        await self._run_session(peer, stream, initiator=peer)
+
+    def _prefer(self, new: _Session, old: _Session) -> bool:
+        if new.initiator != old.initiator:
+            return new.initiator == min(self.self_id, new.peer)
+        return True
+
+    def _node(self, peer: str) -> Node:
+        node = self._nodes.get(peer)
+        if node is None:
+            node = self._nodes[peer] = Node(peer)
+        return node
+
+    async def _run_session(
+        self,
+        peer: str,
+        stream: Any,
+        initiator: str,
+        decoder: FrameDecoder | None = None,
+        early: list[bytes] | None = None,
+    ) -> None:
+        send, recv = trio.open_memory_channel[bytes](MAX_QUEUED_FRAMES)
+        session = _Session(peer, stream, initiator, send, recv)
+        old = self._sessions.get(peer)
+        if (
+            not self._running
+            or self._destroyed
+            or peer not in self._members
+            or (old is not None and not self._prefer(session, old))
+        ):
+            self.counters["duplicate_sessions"] += old is not None
+            await _reset(stream)
+            return
+        self._live.add(session)
+        try:
+            with session.scope:
+                if old is not None:
+                    # Still connected as far as PySyncObj is concerned: just a new pipe.
+                    self.counters["sessions_replaced"] += 1
+                    self._end_session(old, replaced=True)
+                self._sessions[peer] = session
+                session.current = True
+                self.counters["sessions_opened"] += 1
+                log.debug("raft session with %s up (initiator %s)", peer, initiator)
+                if old is None:
+                    self._callback(self._onNodeConnected, self._node(peer))
+                self._notify_change()
+                self._kick()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, session)
+                    await self._reader(session, decoder or FrameDecoder(self._max_frame), early)
+                    nursery.cancel_scope.cancel()
+        except Exception as e:  # a broken stream ends its session, never the node
+            log.debug("raft session with %s ended: %r", peer, e)
+        finally:
+            self._live.discard(session)
+            if session.current:
+                self._end_session(session)
+            if session.silent:
+                await self._forget(peer)
+            await _reset(stream)
+
+    def _end_session(self, session: _Session, *, replaced: bool = False) -> None:
+        """Synchronous, so that send() can drop a session and PySyncObj sees it at once."""
+        session.scope.cancel()
+        session.send.close()
+        if not session.current:
+            return
+        session.current = False
+        if self._sessions.get(session.peer) is session:
+            del self._sessions[session.peer]
+        if not replaced:
+            log.debug("raft session with %s down", session.peer)
+            self._callback(self._onNodeDisconnected, self._node(session.peer))
+            self._notify_change()
+            self._kick()
+
+    def _callback(self, fn: Callable[[Node], None], node: Node) -> None:
+        if self._destroyed:
+            return
+        try:
+            fn(node)
+        except Exception:
+            self.counters["callback_errors"] += 1
+            log.exception("raft connection callback raised (ignored)")
+
+    async def _writer(self, session: _Session) -> None:
+        recv, stream = session.recv, session.stream
+        if session.initiator != self.self_id:
+            await stream.write(_HEARTBEAT_FRAME)  # the hello the dialing end waits for
+        while True:
+            frames: list[bytes] = []
+            with trio.move_on_after(self._heartbeat):
+                try:
+                    frames.append(await recv.receive())
+                except trio.EndOfChannel:
+                    return
+            if not frames:
+                await stream.write(_HEARTBEAT_FRAME)
+                continue
+            size = len(frames[0])
+            while size < WRITE_CHUNK_BYTES:
+                try:
+                    frame = recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                frames.append(frame)
+                size += len(frame)
+            session.queued_bytes -= size
+            self.counters["writes"] += 1
+            await stream.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def _reader(
+        self, session: _Session, decoder: FrameDecoder, early: list[bytes] | None
+    ) -> None:
+        node = self._node(session.peer)
+        stream = session.stream
+        if early:
+            self._deliver_all(session, node, early)
+        while True:
+            with trio.move_on_after(self._silent_after) as waited:
+                data = await stream.read(READ_SIZE)
+            if waited.cancelled_caught:
+                session.silent = True
+                self.counters["peers_silent"] += 1
+                log.warning(
+                    "raft peer %s silent for %.1fs: dropping its session",
+                    session.peer,
+                    self._silent_after,
+                )
+                return
+            if not data:
+                return
+            if not self._deliver_all(session, node, decoder.feed(data)):  # framing errors raise
+                return
+
+    def _deliver_all(self, session: _Session, node: Node, bodies: list[bytes]) -> bool:
+        delivered = False
+        for body in bodies:
+            if body == HEARTBEAT:
+                continue
+            if not session.current or self._destroyed:
+                return False
+            self._deliver(node, body)
+            delivered = True
+        if delivered:
+            self._kick()
+        return True
+
+    def _deliver(self, node: Node, body: bytes) -> None:
+        try:
+            message = decode_raft_message(body)
+        except RaftMessageRefused as e:
+            self.counters["messages_refused"] += 1
+            if "transmission" in str(e):
+                self.counters["transmission_refused"] += 1
+            self._warn.warning(
+                "bad:" + str(node.id), "dropped a raft message from %s: %s", node.id, e
+            )
+            return
+        self.counters["messages_received"] += 1
+        try:
+            self._onMessageReceived(node, message)
+        except Exception:
+            self.counters["callback_errors"] += 1
+            self._warn.warning(
+                "cb", "PySyncObj raised on a %s message from %s", message["type"], node.id,
+                exc_info=True,
+            )
+
+
+async def _reset(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
+class Libp2pRaftTransport(StreamRaftTransport):
+    """The Raft transport on the node's libp2p host.
+
+    ``members``: the OTHER members, peer id -> full multiaddr ``/ip4/../tcp/../p2p/<id>``
+    (None when unknown: that peer must dial us). Start ``run`` in the node's nursery (it
+    registers the stream handler); ``ReplicatedColony.close()`` (via ``destroy``) or
+    cancelling ``run`` stops it.
+    """
+
+    RAFT_PROTOCOL_ID = RAFT_PROTOCOL_ID
+
+    def __init__(
+        self, host: IHost, self_id: str, members: Mapping[str, str | None], **kwargs: Any
+    ) -> None:
+        self._host = host
+        super().__init__(self_id, members, **kwargs)
+
+    def _check_addr(self, peer: str, addr: str) -> str | None:
+        try:
+            pid, _ = parse_peer_addr(addr)
+        except ColoniesError as e:
+            log.warning("ignoring raft member address %r: %s", addr, e.message)
+            return None
+        if pid.to_string() != peer:
+            log.warning("ignoring raft member address %r: it is not %s's", addr, peer)
+            return None
+        return addr
+
+    def _start_listening(self) -> None:
+        self._host.set_stream_handler(TProtocol(RAFT_PROTOCOL_ID), self._handle_stream)
+
+    def _stop_listening(self) -> None:
+        self._host.remove_stream_handler(TProtocol(RAFT_PROTOCOL_ID))
+
+    async def _handle_stream(self, stream: Any) -> None:
+        try:
+            # Noise proved that the remote holds this id's key (the host allows nothing else).
+            peer = stream.muxed_conn.peer_id.to_string()
+        except Exception:
+            await _reset(stream)
+            return
+        await self._accept(peer, stream)
+
+    async def _open_stream(self, peer: str, addr: str) -> Any:
+        await connect(self._host, addr, timeout=self._dial_timeout)
+        return await self._host.new_stream(
+            PeerID.from_base58(peer), [TProtocol(RAFT_PROTOCOL_ID)]
+        )
+
+    async def _forget_connection(self, peer: str) -> None:
+        await self._host.get_network().close_peer(PeerID.from_base58(peer))
