@@ -225,6 +225,25 @@ def add_attribute(st: ColonyState, req: Request, now: int) -> Any:
     return attr.to_wire()
 
 
+def add_member(st: ColonyState, req: Request, now: int) -> Any:
+    """Record a member's address; the node then adds it to the Raft group."""
+    pid, addr = req.body["peerid"], req.body["addr"]
+    if not addr.endswith(f"/p2p/{pid}"):
+        raise BadRequest(f"member address {addr!r} must end in /p2p/{pid}")
+    st.members[pid] = addr
+    return {"members": dict(st.members)}
+
+
+def remove_member(st: ColonyState, req: Request, now: int) -> Any:
+    pid = req.body["peerid"]
+    if pid not in st.members:
+        raise NotFound(f"{pid} is not a member of this cluster")
+    if len(st.members) == 1:
+        raise BadRequest("cannot remove the last member of the cluster")
+    del st.members[pid]
+    return {"members": dict(st.members)}
+
+
 WRITES: dict[str, Handler] = {
     "addcolonymsg": add_colony,
     "removecolonymsg": remove_colony,
@@ -240,6 +259,8 @@ WRITES: dict[str, Handler] = {
     "removeprocessmsg": remove_process,
     "removeallprocessesmsg": remove_all_processes,
     "addattributemsg": add_attribute,
+    "addmembermsg": add_member,
+    "removemembermsg": remove_member,
 }
 
 
@@ -255,11 +276,26 @@ def bootstrap(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
     for label, v in (("serverid", sid), ("clusterid", cid)):
         if not isinstance(v, str) or not HEX64.match(v):
             raise BadRequest(f"bootstrap: {label} must be 64 lowercase hex characters")
+    member = cmd.get("member")
+    if member is not None and not (
+        isinstance(member, list)
+        and len(member) == 2
+        and all(isinstance(x, str) for x in member)
+        and member[1].endswith(f"/p2p/{member[0]}")
+    ):
+        raise BadRequest("bootstrap: member must be [peer id, its full multiaddr]")
     if st.server_id:
         if (st.server_id, st.cluster_id) != (sid, cid):
             raise BadRequest("bootstrap: the cluster is already bootstrapped with other ids")
         return {}
     st.server_id, st.cluster_id = sid, cid
+    if member is not None:
+        st.members[member[0]] = member[1]
+    return {}
+
+
+def barrier(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
+    """A no-op through the log: a read after it sees every write committed before it."""
     return {}
 
 
@@ -270,4 +306,4 @@ def tick(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
     return result
 
 
-INTERNAL: dict[str, InternalHandler] = {"bootstrap": bootstrap, "tick": tick}
+INTERNAL: dict[str, InternalHandler] = {"bootstrap": bootstrap, "tick": tick, "barrier": barrier}

@@ -74,6 +74,11 @@ class ColonyMachine:
             return None
         return self._st.colony_statistics(colonyname)
 
+    @property
+    def members(self) -> dict[str, str]:
+        """The cluster's members: peer id -> full multiaddr."""
+        return dict(self._st.members)
+
     def colony_names(self) -> list[str]:
         return sorted(self._st.colonies)
 

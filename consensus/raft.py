@@ -537,6 +537,9 @@ class ReplicatedColony(SyncObj):
 
     @property
     def joining(self) -> bool:
+        """True until this joining node has heard from a leader (see __init__)."""
+        if self._joining and getattr(self, "_SyncObj__raftLeader", None) is not None:
+            self._joining = False
         return self._joining
 
     @property

@@ -137,6 +137,8 @@ def all_of(*rules: Rule) -> Rule:
 RULES: dict[str, Rule] = {
     "getstatisticsmsg": server_owner(),
     "addcolonymsg": server_owner(),
+    "addmembermsg": server_owner(),
+    "removemembermsg": server_owner(),
     "removecolonymsg": server_owner(),
     "getcoloniesmsg": server_owner(),
     "getcolonymsg": member(named_colony("colonyname"), approved=True),

@@ -47,6 +47,9 @@ class ColonyState:
     def __init__(self) -> None:
         self.server_id = ""
         self.cluster_id = ""
+        # The Raft group's members: libp2p peer id -> full multiaddr. PySyncObj keeps the
+        # ids; the addresses live here so every node (and every client) can reach every member.
+        self.members: dict[str, str] = {}
         self.last_now = 0  # the latest time applied; time never goes backwards
         self.next_seq = 1  # submission sequence numbers
         self.applied_changes = 0
@@ -221,6 +224,7 @@ class ColonyState:
                 p.to_snapshot() for p in sorted(self.processes.values(), key=lambda p: p.seq)
             ],
             "nonces": self.nonces.to_snapshot(),
+            "members": [[pid, self.members[pid]] for pid in sorted(self.members)],
         }
 
     @classmethod
@@ -240,4 +244,5 @@ class ColonyState:
         for p in data["processes"]:
             st.add_process(Process.from_snapshot(p))
         st.nonces = NonceBook.from_snapshot(data["nonces"])
+        st.members = {pid: addr for pid, addr in data.get("members", [])}
         return st

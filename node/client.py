@@ -23,7 +23,7 @@ from node.dispatch import DEFAULT_CALL_TIMEOUT_S
 from protocol.envelope import seal
 from protocol.errors import BadRequest
 from protocol.identity import PrivateKey
-from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
+from protocol.messages import FAILED, MESSAGES, RUNNING, SUCCESS, WAITING
 
 ANY_AUDIENCE = "*"
 
@@ -39,6 +39,9 @@ class Client:
         self.cluster_id = cluster_id
         self.server_info = info
         self.timeout = DEFAULT_CALL_TIMEOUT_S
+        # Reads are answered by the node's local replica; set this to read through the
+        # leader's log instead (every write acknowledged before the read is then visible).
+        self.consistent_reads = False
 
     @classmethod
     @asynccontextmanager
@@ -72,6 +75,8 @@ class Client:
         return self.key.id
 
     async def call(self, msgtype: str, body: dict, timeout: float | None = None) -> Any:
+        if self.consistent_reads and not MESSAGES[msgtype].write:
+            body = {**body, "consistent": True}
         envelope = seal(self.key, msgtype, body, self.cluster_id, _now_ms())
         return await self.conn.call(envelope, timeout or self.timeout)
 

@@ -56,6 +56,10 @@ class Dispatcher:
         if req.msgtype == "getserverinfomsg":
             return self.server_info()
         if not req.write:
+            if req.body.get("consistent"):
+                status, value = await self.log.submit({"op": "barrier"}, DEFAULT_CALL_TIMEOUT_S)
+                if status != 200:
+                    raise error_from_wire(status, value)
             return self.log.machine.read(req.msgtype, req.caller, req.body, time.time_ns())
         self.log.machine.authorize(req.msgtype, req.caller, req.body)
         if req.msgtype == "assignprocessmsg":

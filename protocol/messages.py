@@ -18,8 +18,10 @@ from protocol.schema import (
     between,
     hex64,
     hex64_or_empty,
+    multiaddr,
     name,
     name_or_empty,
+    peer_id,
 )
 
 # Process states, as numbered in Colonies.
@@ -102,8 +104,16 @@ class MessageType:
     write: bool
 
 
+# Every read may ask to be consistent: the node then reads after a no-op has gone through the
+# leader's log, so the answer includes every write acknowledged before the read was sent.
+CONSISTENT = {"consistent": F("bool", omit=True)}
+
+
 def _m(name_: str, write: bool, fields: dict[str, F] | None = None) -> MessageType:
-    return MessageType(name_, Schema(fields or {}), write)
+    fields = dict(fields or {})
+    if not write:
+        fields.update(CONSISTENT)
+    return MessageType(name_, Schema(fields), write)
 
 
 MESSAGES: dict[str, MessageType] = {
@@ -155,6 +165,13 @@ MESSAGES: dict[str, MessageType] = {
         ),
         _m("removeprocessmsg", True, _PROCESS_REF),
         _m("removeallprocessesmsg", True, {**_COLONY_NAME, "state": _STATE_FILTER}),
+        # Cluster membership (server owner).
+        _m(
+            "addmembermsg",
+            True,
+            {"peerid": F("str", True, check=peer_id), "addr": F("str", True, check=multiaddr)},
+        ),
+        _m("removemembermsg", True, {"peerid": F("str", True, check=peer_id)}),
         # Attributes.
         _m("addattributemsg", True, {"attribute": F("obj", True, schema=ATTRIBUTE)}),
         _m("getattributemsg", False, {"attributeid": F("str", True, check=hex64)}),

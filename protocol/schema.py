@@ -15,6 +15,8 @@ from typing import Any
 from protocol.errors import InvalidField
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")  # base58btc, as libp2p prints peer ids
+MULTIADDR = re.compile(r"(/[A-Za-z0-9_.:%\[\]-]+)+")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 MAX_STR = 64 * 1024
@@ -53,6 +55,7 @@ class F:
     default: Any = None
     check: Callable[[Any], str | None] | None = None
     schema: Schema | None = None
+    omit: bool = False  # when absent, leave the key out instead of filling the default
 
     def validate(self, value: Any, path: str) -> Any:
         k = self.kind
@@ -128,6 +131,8 @@ class Schema:
                 out[name] = f.validate(value[name], sub)
             elif f.required:
                 raise _fail(sub, "missing")
+            elif f.omit:
+                continue
             else:
                 d = f.default
                 out[name] = d() if callable(d) else d
@@ -149,6 +154,16 @@ def name(v: str) -> str | None:
 
 def name_or_empty(v: str) -> str | None:
     return None if v == "" else name(v)
+
+
+def peer_id(v: str) -> str | None:
+    return None if PEER_ID.fullmatch(v) else "expected a libp2p peer id (base58)"
+
+
+def multiaddr(v: str) -> str | None:
+    if len(v) > 512 or not MULTIADDR.fullmatch(v):
+        return "expected a multiaddr such as /ip4/127.0.0.1/tcp/4001/p2p/<peer id>"
+    return None
 
 
 def between(lo: int, hi: int) -> Callable[[int], str | None]:

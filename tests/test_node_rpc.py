@@ -163,3 +163,13 @@ async def test_metrics_endpoint(tmp_path) -> None:
         assert "colonies_raft_has_leader 1.0" in text
         assert 'colonies_rpc_seconds_count{msgtype="addcolonymsg",status="200"} 1.0' in text
         node.stop()
+
+
+async def test_consistent_read_goes_through_the_log(colony: Colony) -> None:
+    async with Client.connect(colony.addr, colony.executor) as c:
+        p = await c.submit("echo", colonyname="dev", executortype=colony.executortype)
+        assert colony.node.replicator is not None
+        before = colony.node.replicator.status()["commit_index"]
+        c.consistent_reads = True
+        assert (await c.process(p["processid"]))["processid"] == p["processid"]
+        assert colony.node.replicator.status()["commit_index"] > before

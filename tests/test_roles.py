@@ -10,6 +10,8 @@ from consensus.roles import RULES
 from protocol.errors import AccessDenied, NotFound
 from protocol.messages import MESSAGES, OUT, PENDING, REJECTED
 
+PEER = "16Uiu2HAmMmu7o74vsbemwzENv8XTtQxKzKCkJTTAiS3ddBgfwwqJ"
+
 EXPECTED_SYMBOLS = {
     "getstatisticsmsg": "SO",
     "addcolonymsg": "SO",
@@ -34,6 +36,8 @@ EXPECTED_SYMBOLS = {
     "removeallprocessesmsg": "CO",
     "addattributemsg": "M✓+A",
     "getattributemsg": "M✓",
+    "addmembermsg": "SO",
+    "removemembermsg": "SO",
 }
 
 # Who passes each rule in the world built below.
@@ -88,6 +92,8 @@ class World:
         spec = {"funcname": "f", "conditions": {"colonyname": "dev", "executortype": "cli"}}
         return {
             "getstatisticsmsg": {},
+            "addmembermsg": {"peerid": PEER, "addr": f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}"},
+            "removemembermsg": {"peerid": PEER},
             "addcolonymsg": {"colony": {"colonyid": make_id("c3"), "name": "c3"}},
             "removecolonymsg": {"colonyname": "dev"},
             "getcoloniesmsg": {},
