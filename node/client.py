@@ -18,10 +18,10 @@ from typing import Any
 
 import trio
 
-from node.connection import Connection
+from node.connection import Connection, ConnectionLost
 from node.dispatch import DEFAULT_CALL_TIMEOUT_S
 from protocol.envelope import seal
-from protocol.errors import BadRequest
+from protocol.errors import BadRequest, ColoniesError, RequestTimeout, Unavailable
 from protocol.identity import PrivateKey
 from protocol.messages import FAILED, MESSAGES, RUNNING, SUCCESS, WAITING
 
@@ -32,9 +32,52 @@ def _key(key: PrivateKey | str) -> PrivateKey:
     return key if isinstance(key, PrivateKey) else PrivateKey.from_hex(key)
 
 
+class _Link:
+    """The connection a Client and its with_key views share, and where to go when it breaks:
+    the addresses the user gave, then every member the cluster reports."""
+
+    def __init__(self, nursery: trio.Nursery, addrs: list[str], timeout: float) -> None:
+        self.nursery = nursery
+        self.addrs = list(dict.fromkeys(addrs))
+        self.timeout = timeout
+        self.conn: Connection | None = None
+        self._lock = trio.Lock()
+
+    def learn(self, info: dict) -> None:
+        for addr in info.get("members", {}).values():
+            if addr not in self.addrs:
+                self.addrs.append(addr)
+
+    async def connection(self, key: PrivateKey, failed: Connection | None = None) -> Connection:
+        """The live connection; if `failed` is the current one, move to the next address that
+        answers (each tried once, in order, starting after the one that failed)."""
+        async with self._lock:
+            if self.conn is not None and self.conn is not failed and not self.conn.broken:
+                return self.conn
+            start = self.addrs.index(self.conn.addr) + 1 if self.conn is not None else 0
+            if self.conn is not None:
+                await self.conn.aclose()
+                self.conn = None
+            last: ColoniesError = Unavailable("no node address to connect to")
+            for i in range(len(self.addrs)):
+                addr = self.addrs[(start + i) % len(self.addrs)]
+                try:
+                    conn = await Connection.open(self.nursery, addr, self.timeout)
+                    info = await conn.call(
+                        seal(key, "getserverinfomsg", {}, ANY_AUDIENCE, _now_ms()), self.timeout
+                    )
+                except (Unavailable, RequestTimeout) as e:
+                    last = e
+                    continue
+                self.learn(info)
+                self.conn, self.info = conn, info
+                return conn
+            raise last
+
+
 class Client:
-    def __init__(self, conn: Connection, key: PrivateKey, cluster_id: str, info: dict) -> None:
-        self.conn = conn
+    def __init__(self, link: _Link, key: PrivateKey, cluster_id: str, info: dict) -> None:
+        self._link = link
         self.key = key
         self.cluster_id = cluster_id
         self.server_info = info
@@ -46,19 +89,20 @@ class Client:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, addr: str, key: PrivateKey | str, timeout: float = 10.0
+        cls, addr: str | list[str], key: PrivateKey | str, timeout: float = 10.0
     ) -> AsyncIterator[Client]:
+        """Connect to the first node that answers among `addr` (one or several); when that node
+        goes away later, calls move to another member of its cluster by themselves."""
         try:
             async with trio.open_nursery() as nursery:
-                conn = await Connection.open(nursery, addr, timeout)
+                link = _Link(nursery, [addr] if isinstance(addr, str) else addr, timeout)
+                key = _key(key)
+                await link.connection(key)
                 try:
-                    key = _key(key)
-                    info = await conn.call(
-                        seal(key, "getserverinfomsg", {}, ANY_AUDIENCE, _now_ms()), timeout
-                    )
-                    yield cls(conn, key, info["clusterid"], info)
+                    yield cls(link, key, link.info["clusterid"], link.info)
                 finally:
-                    await conn.aclose()
+                    if link.conn is not None:
+                        await link.conn.aclose()
         except BaseExceptionGroup as group:
             # The nursery wraps what the caller's block raised; give them the error itself,
             # so `except NotFound:` around the block works.
@@ -68,7 +112,15 @@ class Client:
             raise
 
     def with_key(self, key: PrivateKey | str) -> Client:
-        return Client(self.conn, _key(key), self.cluster_id, self.server_info)
+        return Client(self._link, _key(key), self.cluster_id, self.server_info)
+
+    @property
+    def conn(self) -> Connection | None:
+        return self._link.conn
+
+    @property
+    def addr(self) -> str | None:
+        return self._link.conn.addr if self._link.conn is not None else None
 
     @property
     def id(self) -> str:
@@ -78,7 +130,20 @@ class Client:
         if self.consistent_reads and not MESSAGES[msgtype].write:
             body = {**body, "consistent": True}
         envelope = seal(self.key, msgtype, body, self.cluster_id, _now_ms())
-        return await self.conn.call(envelope, timeout or self.timeout)
+        conn = await self._link.connection(self.key)
+        try:
+            return await conn.call(envelope, timeout or self.timeout)
+        except ConnectionLost as lost:
+            # The node went away. A request that never left can go to another member as it
+            # is; one that was in flight may have been applied, so only reads are resent
+            # (a resent write would come back as a replay, which says nothing useful).
+            conn = await self._link.connection(self.key, failed=conn)
+            if lost.sent and MESSAGES[msgtype].write:
+                raise Unavailable(
+                    f"lost the connection to {lost.addr} while {msgtype} was in flight; "
+                    f"it may or may not have been applied (now connected to {conn.addr})"
+                ) from None
+            return await conn.call(envelope, timeout or self.timeout)
 
     # Server.
     async def server_info_fresh(self) -> dict:

@@ -19,7 +19,7 @@ from libp2p.custom_types import TProtocol
 
 from node.p2p import connect, make_host, quiet_libp2p_logs
 from node.rpc_server import READ_SIZE, RPC_PROTOCOL_ID
-from protocol.errors import ColoniesError, RequestTimeout, Unavailable, error_from_wire
+from protocol.errors import RequestTimeout, Unavailable, error_from_wire
 from protocol.framing import (
     TARGET_ENVELOPES_PER_FRAME,
     TARGET_FRAME_BYTES,
@@ -32,11 +32,21 @@ from protocol.identity import PrivateKey
 log = logging.getLogger("colonies.client")
 
 
+class ConnectionLost(Unavailable):
+    """The connection to the node ended; `sent` tells whether the request may have left."""
+
+    def __init__(self, addr: str, sent: bool) -> None:
+        super().__init__(f"connection to {addr} lost")
+        self.addr = addr
+        self.sent = sent
+
+
 @dataclass
 class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
     status: int = 0
     value: Any = None
+    lost: bool = False
 
 
 class Connection:
@@ -49,7 +59,7 @@ class Connection:
         self._send, self._recv = trio.open_memory_channel[tuple[int, bytes]](4096)
         self._host: IHost | None = None
         self._stream: Any = None
-        self._broken: ColoniesError | None = None
+        self._broken = False
         self._cancel = trio.CancelScope()
         self.closed = trio.Event()
 
@@ -82,7 +92,7 @@ class Connection:
                     except Exception as e:  # a broken stream fails the pending calls only
                         log.debug("connection to %s ended: %r", self.addr, e)
             finally:
-                self._fail_all(Unavailable(f"connection to {self.addr} closed"))
+                self._fail_all()
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     try:
                         await host.close()
@@ -90,10 +100,14 @@ class Connection:
                         pass
                 self.closed.set()
 
-    def _fail_all(self, err: ColoniesError) -> None:
-        self._broken = err
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def _fail_all(self) -> None:
+        self._broken = True
         for p in self._pending.values():
-            p.status, p.value = err.status, err.message
+            p.lost = True
             p.done.set()
         self._pending.clear()
 
@@ -130,8 +144,8 @@ class Connection:
                     p.done.set()
 
     async def call(self, envelope: bytes, timeout: float) -> Any:
-        if self._broken is not None:
-            raise self._broken
+        if self._broken:
+            raise ConnectionLost(self.addr, sent=False)
         request_id = next(self._ids) & 0xFFFFFFFF
         pending = _Pending()
         self._pending[request_id] = pending
@@ -142,6 +156,8 @@ class Connection:
         except trio.TooSlowError:
             self._pending.pop(request_id, None)
             raise RequestTimeout(f"no reply from {self.addr} within {timeout:g} s") from None
+        if pending.lost:
+            raise ConnectionLost(self.addr, sent=True)
         if pending.status != 200:
             raise error_from_wire(pending.status, str(pending.value))
         return pending.value

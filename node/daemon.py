@@ -78,6 +78,7 @@ class ColonyNode:
             "addrs": self.addrs,
             "clusterid": machine.cluster_id,
             "serverid": machine.server_id,
+            "members": machine.members,
             "raft": self.replicator.status(),
         }
 

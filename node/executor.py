@@ -46,7 +46,7 @@ def as_output(value: Any) -> list:
 class Executor:
     def __init__(
         self,
-        addr: str,
+        addr: str | list[str],
         prvkey: PrivateKey | str,
         *,
         colonyname: str,
