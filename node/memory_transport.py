@@ -11,8 +11,9 @@ Faults act on whole frames (the pipe re-frames what a writer writes):
 * ``partition(*groups)``: nodes in different groups cannot reach each other (a node in no
   group is alone). By default the pipes between them break (both ends see a reset, as when a
   connection drops) and new connections are refused. With ``silent=True`` they stay up but
-  every frame is lost and new connections hang: a hung peer, which only the transport's
-  heartbeat timeout notices. ``heal()`` ends the partition.
+  every frame is lost, new connections hang, and an end that resets its pipe tells nobody
+  (the other end learns it when traffic passes again, like a TCP RST): a hung peer, which
+  only the transport's heartbeat timeout notices. ``heal()`` ends the partition.
 * ``set_faults(drop=p, delay=(lo, hi))``: each Raft frame is lost with probability ``p``
   (never snapshot chunks: losing one inside a stream, which a real stream never does, would
   corrupt the follower's dump; nor heartbeats) and delivered ``lo..hi`` seconds later, in
@@ -64,28 +65,31 @@ class _Endpoint:
     def _wake(self) -> None:
         self._readable.set()
 
+    def _check(self) -> None:
+        if self._pipe.broken or self._pipe.closed[self._side]:
+            raise MemoryStreamReset("memory stream reset")
+
     async def read(self, n: int = 65536) -> bytes:
         while not self._buffer:
-            if self._pipe.broken:
-                raise MemoryStreamReset("memory stream reset")
+            self._check()
             self._readable = trio.Event()
             await self._readable.wait()
         await trio.lowlevel.checkpoint()
+        self._check()
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         return data
 
     async def write(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint()
-        if self._pipe.broken:
-            raise MemoryStreamReset("memory stream reset")
+        self._check()
         self._pipe.transmit(self._side, bytes(data))
 
     async def reset(self) -> None:
-        self._pipe.break_()
+        self._pipe.close_end(self._side)
 
     async def close(self) -> None:
-        self._pipe.break_()
+        self._pipe.close_end(self._side)
 
 
 class _Pipe:
@@ -94,6 +98,7 @@ class _Pipe:
         self.ids = (dialer, acceptor)
         self.ends = (_Endpoint(self, 0), _Endpoint(self, 1))
         self.broken = False
+        self.closed = [False, False]  # one end reset while the other could not hear it
         self._decoders = (FrameDecoder(RAFT_MAX_FRAME_BYTES), FrameDecoder(RAFT_MAX_FRAME_BYTES))
         self._queues: tuple[deque[tuple[float, bytes]], deque[tuple[float, bytes]]] = (
             deque(),
@@ -103,8 +108,19 @@ class _Pipe:
         self._pumping = [False, False]
         self._pump_wakeup = [trio.Event(), trio.Event()]
 
+    def close_end(self, side: int) -> None:
+        if self.network.reachable(*self.ids):
+            self.break_()
+        else:
+            self.closed[side] = True
+            self.ends[side]._wake()
+
     def transmit(self, side: int, data: bytes) -> None:
         src, dst = self.ids[side], self.ids[1 - side]
+        if self.closed[1 - side]:
+            if self.network.reachable(src, dst):
+                self.break_()  # the other end is gone: this is the RST
+            return
         queue = self._queues[side]
         now = trio.current_time()
         for body in self._decoders[side].feed(data):
@@ -134,7 +150,8 @@ class _Pipe:
                 await trio.sleep_until(at)
                 continue
             queue.popleft()
-            dst._feed(frame)
+            if not self.closed[1 - side]:
+                dst._feed(frame)
 
     def break_(self) -> None:
         if self.broken:

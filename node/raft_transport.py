@@ -705,12 +705,20 @@ class StreamRaftTransport(Transport):
                     self._callback(self._onNodeConnected, self._node(peer))
                 self._notify_change()
                 self._kick()
+                # Neither task lets an exception out: mixed with the Cancelled of an outer
+                # scope (dropNode cancels the dial loop too) it would form a
+                # BaseExceptionGroup that no `except Exception` catches, and end the transport.
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, session)
-                    await self._reader(session, decoder or FrameDecoder(self._max_frame), early)
+                    nursery.start_soon(self._write_until_broken, session, nursery.cancel_scope)
+                    try:
+                        await self._reader(
+                            session, decoder or FrameDecoder(self._max_frame), early
+                        )
+                    except Exception as e:  # a broken stream ends its session, never the node
+                        log.debug("raft session with %s: read ended: %r", peer, e)
                     nursery.cancel_scope.cancel()
-        except Exception as e:  # a broken stream ends its session, never the node
-            log.debug("raft session with %s ended: %r", peer, e)
+        except Exception as e:
+            log.warning("raft session with %s failed: %r", peer, e)
         finally:
             self._live.discard(session)
             if session.current:
@@ -742,6 +750,14 @@ class StreamRaftTransport(Transport):
         except Exception:
             self.counters["callback_errors"] += 1
             log.exception("raft connection callback raised (ignored)")
+
+    async def _write_until_broken(self, session: _Session, scope: trio.CancelScope) -> None:
+        try:
+            await self._writer(session)
+        except Exception as e:
+            log.debug("raft session with %s: write ended: %r", session.peer, e)
+        finally:
+            scope.cancel()
 
     async def _writer(self, session: _Session) -> None:
         recv, stream = session.recv, session.stream
