@@ -1,6 +1,7 @@
 """`colonyd`: run one node.
 
     colonyd --data-dir DIR --listen /ip4/127.0.0.1/tcp/4001
+    colonyd --data-dir DIR2 --listen /ip4/127.0.0.1/tcp/4002 --join /ip4/127.0.0.1/tcp/4001/p2p/<id>
 
 The server owner key comes from --server-key-file, else COLONIES_SERVER_PRVKEY, else it is
 created in the data dir on the first start. The node prints its full multiaddr when ready.
@@ -32,6 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="multiaddr to listen on (repeatable); default /ip4/127.0.0.1/tcp/0",
     )
+    p.add_argument(
+        "--join",
+        action="append",
+        default=None,
+        metavar="MULTIADDR",
+        help="join the cluster of this member (repeatable; only on the first start)",
+    )
+    p.add_argument("--announce", help="the full multiaddr others dial (default: first listen)")
     p.add_argument("--server-key-file", type=Path, help="file holding the server owner key (hex)")
     p.add_argument("--ready-file", type=Path, help="write the node's addresses here when ready")
     p.add_argument(
@@ -53,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         server_key_file=args.server_key_file,
         ready_file=args.ready_file,
         metrics_addr=args.metrics_addr,
+        join=args.join or [],
+        announce=args.announce,
     )
 
     async def run() -> None:

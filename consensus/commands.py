@@ -277,13 +277,8 @@ def bootstrap(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
         if not isinstance(v, str) or not HEX64.match(v):
             raise BadRequest(f"bootstrap: {label} must be 64 lowercase hex characters")
     member = cmd.get("member")
-    if member is not None and not (
-        isinstance(member, list)
-        and len(member) == 2
-        and all(isinstance(x, str) for x in member)
-        and member[1].endswith(f"/p2p/{member[0]}")
-    ):
-        raise BadRequest("bootstrap: member must be [peer id, its full multiaddr]")
+    if member is not None:
+        _check_member(member, "bootstrap")
     if st.server_id:
         if (st.server_id, st.cluster_id) != (sid, cid):
             raise BadRequest("bootstrap: the cluster is already bootstrapped with other ids")
@@ -292,6 +287,29 @@ def bootstrap(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
     if member is not None:
         st.members[member[0]] = member[1]
     return {}
+
+
+def _check_member(member: Any, op: str) -> None:
+    if not (
+        isinstance(member, list)
+        and len(member) == 2
+        and all(isinstance(x, str) for x in member)
+        and member[1].endswith(f"/p2p/{member[0]}")
+    ):
+        raise BadRequest(f"{op}: member must be [peer id, its full multiaddr]")
+
+
+def announce(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
+    """A member's own address, proposed by that node when it starts: it replaces the address
+    of a listed member (a node that moved) and lists the first node of a cluster bootstrapped
+    before the member book. It never adds a node to a cluster that has a book."""
+    member = cmd.get("member")
+    _check_member(member, "announce")
+    pid, addr = member
+    if pid in st.members or not st.members:
+        st.members[pid] = addr
+        return {"members": dict(st.members)}
+    raise NotFound(f"{pid} is not a member of this cluster")
 
 
 def barrier(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
@@ -306,4 +324,9 @@ def tick(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
     return result
 
 
-INTERNAL: dict[str, InternalHandler] = {"bootstrap": bootstrap, "tick": tick, "barrier": barrier}
+INTERNAL: dict[str, InternalHandler] = {
+    "bootstrap": bootstrap,
+    "announce": announce,
+    "tick": tick,
+    "barrier": barrier,
+}

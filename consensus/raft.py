@@ -437,6 +437,19 @@ class ReplicatedColony(SyncObj):
         return sorted([self.selfNode.id, *(n.id for n in self.otherNodes)])
 
     @property
+    def log_end_index(self) -> int:
+        """The index of the last entry in this replica's log (committed or not)."""
+        return int(self._SyncObj__getCurrentLogIndex())
+
+    def set_timeouts(self, timeouts: RaftTimeouts) -> None:
+        """PySyncObj reads these on every tick and election, so a group that grows from one
+        member can leave the one-member timings behind without a restart."""
+        conf = self._SyncObj__conf
+        conf.appendEntriesPeriod = timeouts.append_entries_period
+        conf.raftMinTimeout = timeouts.min_timeout
+        conf.raftMaxTimeout = timeouts.max_timeout
+
+    @property
     def caught_up(self) -> bool:
         """A leader is known and this replica has applied what that leader had committed
         when it first heard from it (PySyncObj's isReady)."""
@@ -453,6 +466,7 @@ class ReplicatedColony(SyncObj):
             "commit_index": s["commit_idx"],
             "last_applied": s["last_applied"],
             "log_len": s["log_len"],
+            "leader_commit_index": s["leader_commit_idx"],
             "has_quorum": s["has_quorum"],
             "members": self.member_ids,
             "connected": sorted(

@@ -1,5 +1,11 @@
-"""colonyd: one node. The root nursery holds the libp2p host, the Raft replicator, the RPC
-service and the leader's timeout ticker; SIGTERM or Ctrl-C drains calls and flushes the journal.
+"""colonyd: one node. The root nursery holds the libp2p host, the Raft transport and
+replicator, the membership keeper, the RPC service and the leader's timeout ticker; SIGTERM or
+Ctrl-C drains calls and flushes the journal.
+
+The first node of a cluster bootstraps it (server owner, cluster id, itself in the member
+book). Every other node starts with ``--join ADDR``: it learns the members from ADDR, starts
+its replica with them as partners without standing for election, and asks (with the server
+owner key) to be added; the leader then adds it to the Raft group and it catches up.
 """
 
 from __future__ import annotations
@@ -7,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,21 +22,32 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 
-from consensus.raft import ReplicatedColony
+from consensus.raft import (
+    DUMP_FILE,
+    GROUP_TIMEOUTS,
+    JOURNAL_FILE,
+    SOLO_TIMEOUTS,
+    ReplicatedColony,
+)
+from node.client import Client
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
+from node.membership import Membership, check_not_removed, load_members, save_members
 from node.metrics import Metrics
-from node.p2p import full_addrs, running_host
+from node.p2p import full_addrs, parse_peer_addr, running_host
+from node.raft_transport import Libp2pRaftTransport
 from node.replicator import Replicator
 from node.rpc_server import RPC_PROTOCOL_ID, RpcServer
 from node.ticker import run_timeouts
-from protocol.errors import BadRequest, ColoniesError
+from protocol.errors import BadRequest, ColoniesError, Unavailable
 from protocol.identity import PrivateKey
 
 log = logging.getLogger("colonies.node")
 
 VERSION = "0.1.0"
 DRAIN_TIMEOUT_S = 3.0
+JOIN_TIMEOUT_S = 60.0
+LEADER_WAIT_LOG_S = 10.0
 
 
 @dataclass
@@ -41,6 +59,10 @@ class NodeConfig:
     server_key_file: Path | None = None
     ready_file: Path | None = None
     metrics_addr: str | None = None
+    # Join the cluster of these member addresses instead of bootstrapping a new one.
+    join: list[str] = field(default_factory=list)
+    # The address other members and clients dial (default: the first listen address).
+    announce: str | None = None
 
 
 def server_owner_key(config: NodeConfig) -> tuple[PrivateKey, str]:
@@ -55,11 +77,43 @@ def server_owner_key(config: NodeConfig) -> tuple[PrivateKey, str]:
     return key, f"{path} ({'existing' if existed else 'created'})"
 
 
+def configured_server_key(config: NodeConfig) -> PrivateKey | None:
+    """The server owner key if the operator gave one (never a newly created one)."""
+    if config.server_prvkey or config.server_key_file is not None:
+        return server_owner_key(config)[0]
+    path = config.data_dir / SERVER_KEY_FILE
+    return read_key(path) if path.exists() else None
+
+
+async def fetch_server_info(addrs: list[str]) -> dict[str, Any]:
+    """Any key may read the server info; a throwaway one says nothing about us."""
+    async with Client.connect(addrs, PrivateKey.generate()) as client:
+        return await client.server_info_fresh()
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify(3) for Type=notify units; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd (%s): %s", path, e)
+
+
 class ColonyNode:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.data = DataDir(config.data_dir)
         self.replicator: Replicator | None = None
+        self.transport: Libp2pRaftTransport | None = None
+        self.membership: Membership | None = None
+        self.announce = ""
         self.rpc: RpcServer | None = None
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
@@ -79,8 +133,15 @@ class ColonyNode:
             "clusterid": machine.cluster_id,
             "serverid": machine.server_id,
             "members": machine.members,
-            "raft": self.replicator.status(),
+            "raft": self.raft_status(),
         }
+
+    def raft_status(self) -> dict[str, Any]:
+        assert self.replicator is not None
+        status = self.replicator.status()
+        if self.transport is not None:
+            status["last_heard"] = self.transport.last_heard()
+        return status
 
     def stop(self) -> None:
         self._stop.set()
@@ -93,22 +154,54 @@ class ColonyNode:
             self.data.close()
 
     async def _run(self, task_status: trio.TaskStatus[ColonyNode]) -> None:
+        check_not_removed(self.config.data_dir)
         node_key = self.data.node_key()
         async with running_host(node_key, self.config.listen) as host:
             self.peer_id = host.get_id().to_string()
-            raft = ReplicatedColony(self.peer_id, [], self.config.data_dir)
+            self.addrs = full_addrs(host)
+            self.announce = self._announce_addr()
+            others, joining = await self._initial_members()
+            transport = Libp2pRaftTransport(
+                host,
+                self.peer_id,
+                others,
+                on_members_changed=lambda m: self._membership_hook(m),
+            )
+            raft = ReplicatedColony(
+                self.peer_id,
+                list(others),
+                self.config.data_dir,
+                transport=transport,
+                timeouts=GROUP_TIMEOUTS if others else SOLO_TIMEOUTS,
+                joining=joining,
+            )
             self.replicator = replicator = Replicator(raft)
+            transport.attach(replicator.kick)
+            self.transport = transport
+            self.membership = membership = Membership(
+                self.config.data_dir, raft, transport, replicator, on_removed=self.stop
+            )
+            if joining:
+                save_members(self.config.data_dir, others)
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(replicator.run)
-                    await replicator.wait_ready(30)
-                    await self._bootstrap(replicator)
+                    await nursery.start(transport.run)
+                    nursery.start_soon(replicator.run)
+                    if joining:
+                        nursery.start_soon(self._ask_to_join)
+                    await self._wait_for_leader(replicator)
+                    if joining:
+                        await self._wait_for_state(replicator)
+                    else:
+                        await self._bootstrap(replicator)
+                    await self._announce(replicator)
+                    nursery.start_soon(membership.run)
                     self.rpc = rpc = RpcServer(
                         Dispatcher(replicator, self.server_info).handle,
                         lambda: replicator.machine.cluster_id,
                     )
                     self.metrics = metrics = Metrics(
-                        lambda: replicator.machine.statistics(), replicator.status
+                        lambda: replicator.machine.statistics(), self.raft_status
                     )
                     rpc.latency = metrics.observe_rpc
                     if self.config.metrics_addr:
@@ -117,17 +210,99 @@ class ColonyNode:
                         )
                     host.set_stream_handler(TProtocol(RPC_PROTOCOL_ID), rpc.handle_stream)
                     nursery.start_soon(run_timeouts, replicator)
-                    self.addrs = full_addrs(host)
                     self.data.write_addr(self.addrs)
                     if self.config.ready_file is not None:
                         self.config.ready_file.write_text("\n".join(self.addrs) + "\n")
+                    notify_systemd("READY=1")
+                    log.info(
+                        "serving as %s (members: %s)", self.peer_id, ", ".join(raft.member_ids)
+                    )
                     task_status.started(self)
                     await self._wait_for_stop()
+                    notify_systemd("STOPPING=1")
                     await rpc.drain(DRAIN_TIMEOUT_S)
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     await replicator.close()
+
+    def _membership_hook(self, members: dict[str, str | None]) -> None:
+        if self.membership is not None:
+            self.membership.on_transport_members(members)
+
+    def _announce_addr(self) -> str:
+        if self.config.announce:
+            pid, _ = parse_peer_addr(self.config.announce)
+            if pid.to_string() != self.peer_id:
+                raise BadRequest(f"--announce {self.config.announce} must end in /p2p/{self.peer_id}")
+            return self.config.announce
+        return self.addrs[0]
+
+    async def _initial_members(self) -> tuple[dict[str, str | None], bool]:
+        """The other members to start with, and whether this node is joining a cluster."""
+        saved = load_members(self.config.data_dir)
+        has_state = any(
+            (self.config.data_dir / f).exists() for f in (JOURNAL_FILE, DUMP_FILE)
+        )
+        if not self.config.join:
+            return saved, False
+        if has_state:
+            log.info("--join ignored: this node already has cluster state")
+            return saved, False
+        info = await fetch_server_info(self.config.join)
+        members = info.get("members")
+        if not isinstance(members, dict) or not members:
+            raise BadRequest(f"{self.config.join[0]} reports no cluster members to join")
+        others = {p: a for p, a in members.items() if p != self.peer_id}
+        log.info("joining cluster %s with members %s", info.get("clusterid"), ", ".join(others))
+        return others, True
+
+    async def _ask_to_join(self) -> None:
+        """Asks the cluster to add this node, if this node holds the server owner key;
+        otherwise an operator does it with `colonies cluster add`."""
+        key = configured_server_key(self.config)
+        if key is None:
+            log.warning(
+                "waiting to be added to the cluster: run `colonies cluster add %s` "
+                "with the server owner key",
+                self.announce,
+            )
+            return
+        body = {"peerid": self.peer_id, "addr": self.announce}
+        with trio.move_on_after(JOIN_TIMEOUT_S):
+            while True:
+                try:
+                    async with Client.connect(self.config.join, key) as client:
+                        await client.call("addmembermsg", body)
+                    log.info("asked the cluster to add %s", self.announce)
+                    return
+                except ColoniesError as e:
+                    log.warning("asking to join failed (retrying): %s", e)
+                await trio.sleep(1.0)
+        log.error("could not ask the cluster to add this node within %ss", JOIN_TIMEOUT_S)
+
+    async def _wait_for_leader(self, replicator: Replicator) -> None:
+        while True:
+            try:
+                await replicator.wait_ready(LEADER_WAIT_LOG_S)
+                return
+            except Unavailable as e:
+                log.info("waiting: %s", e.message)
+
+    async def _wait_for_state(self, replicator: Replicator) -> None:
+        """A joined node serves once it has the cluster's bootstrap entry."""
+        while not replicator.machine.server_id:
+            await replicator.wait_applied(replicator.applied_generation, trio.current_time() + 1)
+
+    async def _announce(self, replicator: Replicator) -> None:
+        """Records this node's current address in the member book when it changed."""
+        book = replicator.machine.members
+        if book.get(self.peer_id) == self.announce or (book and self.peer_id not in book):
+            return
+        cmd = {"op": "announce", "member": [self.peer_id, self.announce]}
+        status, value = await replicator.submit(cmd, timeout=30)
+        if status != 200:
+            log.warning("announcing %s failed: %s", self.announce, value)
 
     async def _wait_for_stop(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -157,7 +332,12 @@ class ColonyNode:
                     )
             return
         key, source = server_owner_key(self.config)
-        cmd = {"op": "bootstrap", "serverid": key.id, "clusterid": os.urandom(32).hex()}
+        cmd = {
+            "op": "bootstrap",
+            "serverid": key.id,
+            "clusterid": os.urandom(32).hex(),
+            "member": [self.peer_id, self.announce],
+        }
         status, value = await replicator.submit(cmd, timeout=30)
         if status != 200:
             raise ColoniesError(f"bootstrap failed: {value}")

@@ -315,6 +315,7 @@ class StreamRaftTransport(Transport):
         self._nodes: dict[str, Node] = {}
         self._sessions: dict[str, _Session] = {}  # the current session per peer
         self._live: set[_Session] = set()
+        self._last_heard: dict[str, float] = {}  # peer -> monotonic time of its last bytes
         self._dialers: dict[str, trio.CancelScope] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -360,6 +361,11 @@ class StreamRaftTransport(Transport):
     def connected(self) -> list[str]:
         """Peers with a live session."""
         return sorted(self._sessions)
+
+    def last_heard(self) -> dict[str, float]:
+        """Seconds since each member last sent us anything (a heartbeat counts)."""
+        now = time.monotonic()
+        return {p: round(now - t, 3) for p, t in self._last_heard.items() if p in self._members}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -806,6 +812,7 @@ class StreamRaftTransport(Transport):
                 return
             if not data:
                 return
+            self._last_heard[session.peer] = time.monotonic()
             if not self._deliver_all(session, node, decoder.feed(data)):  # framing errors raise
                 return
 
