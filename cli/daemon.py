@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from cli.errors import describe, first_error
-from cli.logs import setup_logging
+from cli.logs import LOG_FORMATS, setup_logging
 from node.daemon import ColonyNode, NodeConfig
 from protocol.errors import ColoniesError
 
@@ -49,12 +49,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="serve Prometheus metrics on HOST:PORT (GET /metrics)",
     )
     p.add_argument("--log-level", default=os.environ.get("COLONIES_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("COLONIES_LOG_FORMAT", "text"),
+        help="text lines, or JSON lines with node, peer and process fields",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     config = NodeConfig(
         data_dir=args.data_dir,
         listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],

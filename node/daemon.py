@@ -32,6 +32,7 @@ from consensus.raft import (
 from node.client import Client
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
+from node.log_context import set_log_node
 from node.membership import Membership, check_not_removed, load_members, save_members
 from node.metrics import Metrics
 from node.p2p import full_addrs, parse_peer_addr, running_host
@@ -158,6 +159,7 @@ class ColonyNode:
         node_key = self.data.node_key()
         async with running_host(node_key, self.config.listen) as host:
             self.peer_id = host.get_id().to_string()
+            set_log_node(self.peer_id)
             self.addrs = full_addrs(host)
             self.announce = self._announce_addr()
             others, joining = await self._initial_members()

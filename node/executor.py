@@ -145,7 +145,10 @@ class Executor:
             except ColoniesError as e:
                 # The attempt may have expired (refused close): the process went back to the
                 # queue and another attempt owns it now. Keep serving.
-                log.warning("closing %s failed: %s", process["processid"], e)
+                log.warning(
+                    "closing %s failed: %s", process["processid"], e,
+                    extra={"processid": process["processid"]},
+                )
                 process = None
             self.processed += 1
 
@@ -158,11 +161,14 @@ class Executor:
             else:
                 await client.fail(process, errors)
         except ColoniesError as e:
-            log.warning("closing %s failed: %s", process["processid"], e)
+            log.warning(
+                "closing %s failed: %s", process["processid"], e,
+                extra={"processid": process["processid"]},
+            )
         self.processed += 1
 
     async def _execute(self, process: dict) -> tuple[bool, list, list[str]]:
-        spec = process["spec"]
+        spec, pid = process["spec"], process["processid"]
         fn = self.functions.get(spec["funcname"])
         if fn is None:
             return False, [], [f"executor has no function named {spec['funcname']!r}"]
@@ -174,5 +180,8 @@ class Executor:
                 result = await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
             return True, as_output(result), []
         except Exception as e:
-            log.info("%s failed: %s", spec["funcname"], traceback.format_exc(limit=3))
+            log.info(
+                "%s failed in process %s: %s", spec["funcname"], pid,
+                traceback.format_exc(limit=3), extra={"processid": pid},
+            )
             return False, [], [f"{type(e).__name__}: {e}"]

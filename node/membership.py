@@ -61,7 +61,8 @@ def load_members(data_dir: Path) -> dict[str, str | None]:
             raise TypeError("members is not a map")
         for pid, addr in members.items():
             if not isinstance(pid, str) or peer_id(pid) is not None or not (
-                addr is None or (isinstance(addr, str) and multiaddr(addr) is None)
+                addr is None
+                or (isinstance(addr, str) and multiaddr(addr) is None and addr.endswith("/p2p/" + pid))
             ):
                 raise ValueError(f"bad member entry {pid!r}: {addr!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -161,15 +162,20 @@ class Membership:
 
     def _start_change(self, what: str) -> None:
         self._changing = what
-        log.info("raft membership change: %s", what)
+        log.info("raft membership change: %s", what, extra={"peer": what.split()[1]})
 
     def _done(self, what: str) -> Callable[[Any, int], None]:
         def callback(_result: Any, reason: int) -> None:
             self._changing = None
             if reason == FAIL_REASON.SUCCESS:
-                log.info("raft membership change done: %s", what)
+                log.info("raft membership change done: %s", what, extra={"peer": what.split()[1]})
             else:
-                log.warning("raft membership change %s failed (reason %s); will retry", what, reason)
+                log.warning(
+                    "raft membership change %s failed (reason %s); will retry",
+                    what,
+                    reason,
+                    extra={"peer": what.split()[1]},
+                )
                 self._next_change_at = time.monotonic() + CHANGE_RETRY_S
 
         return callback

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from node.p2p import parse_multiaddr
@@ -61,6 +61,11 @@ class _StateCollector(Collector):
             "Commands queued or in flight in the Raft log",
             value=r.get("queued", 0) + r.get("in_flight", 0),
         )
+        yield CounterMetricFamily(
+            "colonies_raft_leader_changes",
+            "Leader changes seen by this node (a lost leader counts too)",
+            value=r.get("leader_changes", 0),
+        )
 
 
 class Metrics:
@@ -74,19 +79,9 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.leader_changes = Counter(
-            "colonies_raft_leader_changes", "Leader changes seen by this node", registry=self.registry
-        )
-        self._last_leader: str | None = None
 
     def observe_rpc(self, msgtype: str, status: int, seconds: float) -> None:
         self.rpc_seconds.labels(msgtype, str(status)).observe(seconds)
-
-    def observe_leader(self, leader: str | None) -> None:
-        if leader != self._last_leader:
-            if self._last_leader is not None or leader is not None:
-                self.leader_changes.inc()
-            self._last_leader = leader
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -706,7 +706,9 @@ class StreamRaftTransport(Transport):
                 self._sessions[peer] = session
                 session.current = True
                 self.counters["sessions_opened"] += 1
-                log.debug("raft session with %s up (initiator %s)", peer, initiator)
+                log.info(
+                    "raft session with %s up (initiator %s)", peer, initiator, extra={"peer": peer}
+                )
                 if old is None:
                     self._callback(self._onNodeConnected, self._node(peer))
                 self._notify_change()
@@ -724,7 +726,7 @@ class StreamRaftTransport(Transport):
                         log.debug("raft session with %s: read ended: %r", peer, e)
                     nursery.cancel_scope.cancel()
         except Exception as e:
-            log.warning("raft session with %s failed: %r", peer, e)
+            log.warning("raft session with %s failed: %r", peer, e, extra={"peer": peer})
         finally:
             self._live.discard(session)
             if session.current:
@@ -743,7 +745,7 @@ class StreamRaftTransport(Transport):
         if self._sessions.get(session.peer) is session:
             del self._sessions[session.peer]
         if not replaced:
-            log.debug("raft session with %s down", session.peer)
+            log.info("raft session with %s down", session.peer, extra={"peer": session.peer})
             self._callback(self._onNodeDisconnected, self._node(session.peer))
             self._notify_change()
             self._kick()

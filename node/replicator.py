@@ -160,6 +160,8 @@ class Replicator:
 
         self._generation = 0
         self._applied = trio.lowlevel.ParkingLot()
+        self._leader: str | None = None
+        self.leader_changes = 0
         colony.on_applied = self._on_applied
 
     # --- what the node reads -----------------------------------------------------------------
@@ -188,6 +190,7 @@ class Replicator:
             queued=len(self._queue),
             in_flight=len(self._in_flight),
             applied_generation=self._generation,
+            leader_changes=self.leader_changes,
         )
         return status
 
@@ -216,11 +219,27 @@ class Replicator:
             # from tasks that run while we wait both count.
             self._kicked = trio.Event()
             self._tick()
+            self._note_leader()
             if not self._ready.is_set() and self._colony.caught_up:
                 self._ready.set()
                 task_status.started()
             with trio.move_on_after(self._idle_tick):
                 await self._kicked.wait()  # checkpoints even when already set
+
+    def _note_leader(self) -> None:
+        leader = self._colony.leader_id
+        if leader == self._leader:
+            return
+        self._leader = leader
+        self.leader_changes += 1
+        if leader is None:
+            log.warning("raft leader lost (term %d)", self._colony.term)
+        elif leader == self._colony.self_id:
+            log.info("this node is the raft leader (term %d)", self._colony.term)
+        else:
+            log.info(
+                "raft leader is %s (term %d)", leader, self._colony.term, extra={"peer": leader}
+            )
 
     def _tick(self) -> None:
         try:

@@ -42,6 +42,13 @@ def seconds_until(deadline_ns: int | None, now_ns: int) -> float:
     return max(0.0, min(IDLE_CHECK_S, (deadline_ns - now_ns) / 1e9))
 
 
+def log_expired(result: dict) -> None:
+    for pid in result.get("requeued", []):
+        log.info("process %s timed out; back to the queue", pid, extra={"processid": pid})
+    for pid in result.get("failed", []):
+        log.info("process %s failed by its timeout", pid, extra={"processid": pid})
+
+
 async def run_timeouts(replicator: _Replicator) -> None:
     while True:
         seen = replicator.applied_generation
@@ -54,6 +61,8 @@ async def run_timeouts(replicator: _Replicator) -> None:
                     if status != 200:
                         log.warning("tick refused: %s %s", status, value)
                         await trio.sleep(RETRY_AFTER_ERROR_S)
+                    else:
+                        log_expired(value)
                 except ColoniesError as e:
                     log.warning("tick not committed: %s", e)
                     await trio.sleep(RETRY_AFTER_ERROR_S)

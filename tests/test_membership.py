@@ -61,3 +61,21 @@ def test_barrier_is_a_no_op(m: ColonyMachine) -> None:
     before = m.digest()
     assert m.apply({"op": "barrier"}, NOW) == {}
     assert m.digest() == before
+
+
+def test_a_member_announces_its_new_address_but_an_outsider_cannot_join(m: ColonyMachine) -> None:
+    moved = "/ip4/127.0.0.1/tcp/5001/p2p/" + A
+    assert m.apply({"op": "announce", "member": [A, moved]}, NOW) == {"members": {A: moved}}
+    with pytest.raises(NotFound):
+        m.apply({"op": "announce", "member": [B, addr(B)]}, NOW)
+    with pytest.raises(BadRequest, match="announce"):
+        m.apply({"op": "announce", "member": [B, addr(A)]}, NOW)
+    assert m.members == {A: moved}
+
+
+def test_a_cluster_from_before_the_member_book_lists_its_first_announcer() -> None:
+    m = ColonyMachine()
+    m.apply({"op": "bootstrap", "serverid": SO, "clusterid": "c" * 64}, NOW)
+    assert m.members == {}
+    m.apply({"op": "announce", "member": [A, addr(A)]}, NOW)
+    assert m.members == {A: addr(A)}
