@@ -54,7 +54,7 @@ DEFAULTS: dict[str, str] = {"executor_type": DEFAULT_EXECUTOR_TYPE, "output": "t
 
 # What each setting is for, shown when a command needs one that is not set.
 PURPOSE = {
-    "server_addr": "the node's full multiaddr (/ip4/HOST/tcp/PORT/p2p/PEERID)",
+    "server_addr": "the node's full multiaddr (/ip4/HOST/tcp/PORT/p2p/PEERID), or several, comma-separated",
     "colony_name": "the colony name",
     "prvkey": "the private key of the acting user or executor",
     "colony_prvkey": "the colony owner's private key",
@@ -104,9 +104,18 @@ class Config:
     def output(self) -> str:
         return self.get("output") or "table"
 
+    def server_addrs(self) -> list[str]:
+        """One node address or several, comma-separated (members of one cluster: the
+        client tries them in order and learns the rest from the first that answers)."""
+        value = self.require("server_addr")
+        addrs = [a for a in (x.strip() for x in value.split(",")) if a]
+        if not addrs:
+            raise ConfigError(f"no node address in {self.source('server_addr')}")
+        return [check_addr(a, self.source("server_addr")) for a in addrs]
+
     def server_addr(self) -> str:
-        addr = self.require("server_addr")
-        return check_addr(addr, self.source("server_addr"))
+        """The first configured node address."""
+        return self.server_addrs()[0]
 
     def colony_name(self) -> str:
         return check_name(self.require("colony_name"), self.source("colony_name"))

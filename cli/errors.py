@@ -5,6 +5,16 @@ from __future__ import annotations
 from protocol.errors import ColoniesError
 
 
+class UsageError(Exception):
+    """Bad command-line usage: reported as one line, exit status 2. (Here, not in cli.main,
+    so command modules that cli.main loads raise the class it catches, also when cli.main
+    runs as __main__.)"""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 def first_error(exc: BaseException) -> BaseException:
     """trio wraps errors from nurseries in groups; the user wants the one that matters."""
     while isinstance(exc, BaseExceptionGroup):

@@ -5,16 +5,19 @@
     colonies executor add --name w1 --type cli --executorid ID --approve   (colony owner key)
     colonies process run --func echo --args hello --wait
     colonies process ps -o json
-    colonies status
+    colonies status [--watch]                              (the cluster at a glance)
+    colonies cluster ls | add MULTIADDR | remove PEERID   (members; add/remove: server owner key)
 
 Settings come from flags, then COLONIES_* environment variables, then a TOML config file (see
 cli/config.py). Which key signs: colony add/ls/remove and server statistics use the server
 owner key; executor add/approve/reject/remove and process removeall the colony owner key;
+cluster add/remove the server owner key too;
 everything else the acting key (COLONIES_PRVKEY). This module only parses, resolves settings,
 calls the node through node.client and hands replies to cli/render.py; the node decides.
 
 Errors are one line on stderr, `colonies: error: <message> (<status>)`; exit status 2 for
-usage and configuration errors, 1 for errors from the node, 130 on Ctrl-C.
+usage and configuration errors, 1 for errors from the node, 3 when `status` finds no
+reachable node that reports a leader, 130 on Ctrl-C (`status --watch` ends on Ctrl-C with 0).
 """
 
 from __future__ import annotations
@@ -36,27 +39,27 @@ import trio
 
 from cli import render
 from cli.config import Config, ConfigError, load_config
+from cli.errors import UsageError
 from protocol.errors import ColoniesError
 from protocol.identity import PrivateKey
-from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
+from protocol.messages import CANCELLED, FAILED, RUNNING, SUCCESS, WAITING
 
 if TYPE_CHECKING:
     from node.client import Client
 
 PROG = "colonies"
 CONNECT_TIMEOUT_S = 10.0
-
-
-class UsageError(Exception):
-    """Bad command-line usage: reported as one line, exit status 2."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+NO_LEADER_EXIT = 3
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (usage goes to --help) and raises instead of exiting."""
+    """argparse, but an error is one line (usage goes to --help) and raises instead of exiting,
+    and a flag must be spelled out: no prefix matching (`--server` must not quietly mean
+    `--server-prvkey`). Subparsers are made with this class, so the rule holds everywhere."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - argparse's
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:  # noqa: ANN401 - argparse's signature
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -115,7 +118,7 @@ class Context:
 
     @asynccontextmanager
     async def client(self, key: PrivateKey) -> AsyncIterator[Client]:
-        addr = self.cfg.server_addr()  # checked before libp2p is imported or dialled
+        addr = self.cfg.server_addrs()  # checked before libp2p is imported or dialled
         from node.client import Client
 
         async with Client.connect(addr, key, CONNECT_TIMEOUT_S) as c:
@@ -333,6 +336,9 @@ async def _submit(ctx: Context, spec: dict[str, Any]) -> int:
         errors = "; ".join(process.get("errors", [])) or "no error given"
         print(f"{PROG}: error: process {process['processid']} failed: {errors}", file=sys.stderr)
         return 1
+    if process["state"] == CANCELLED:
+        print(f"{PROG}: error: process {process['processid']} was cancelled", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -402,10 +408,21 @@ async def cmd_process_remove(ctx: Context) -> int:
     return 0
 
 
+async def cmd_process_cancel(ctx: Context) -> int:
+    pid = ctx.args.id or ctx.args.processid
+    if not pid:
+        raise UsageError("the process id is required (colonies process cancel ID)")
+    key = ctx.cfg.key("prvkey")
+    async with ctx.client(key) as c:
+        await c.cancel_process(pid)
+    ctx.say(f"process {pid} cancelled", {"processid": pid, "state": CANCELLED})
+    return 0
+
+
 async def cmd_process_removeall(ctx: Context) -> int:
     a = ctx.args
     state = (WAITING if a.waiting else SUCCESS if a.successful else FAILED if a.failed
-             else RUNNING if a.running else -1)
+             else RUNNING if a.running else CANCELLED if a.cancelled else -1)
     colony = ctx.cfg.colony_name()
     key = ctx.cfg.key("colony_prvkey")
     async with ctx.client(key) as c:
@@ -438,40 +455,130 @@ async def cmd_attribute_get(ctx: Context) -> int:
     return 0
 
 
-# status
+# cluster and status
+
+
+def _any_key(cfg: Config) -> PrivateKey:
+    """Server info answers any key: the acting key if set, else the server key, else a
+    throwaway one."""
+    for name in ("prvkey", "server_prvkey"):
+        if cfg.has(name):
+            return cfg.key(name)
+    return PrivateKey.generate()
+
+
+async def cmd_cluster_ls(ctx: Context) -> int:
+    seed = ctx.cfg.server_addr()
+    key = _any_key(ctx.cfg)
+    from cli.cluster import ClusterView, member_rows
+
+    async with ClusterView.open(seed, key, ctx.args.timeout) as view:
+        probes = await view.refresh()
+        info = view.first_info() or {}
+        leader, term = view.leader, view.term
+    if not any(p.reachable for p in probes):
+        why = probes[0].error if probes else "no answer"
+        raise ColoniesError(f"cannot reach {seed}: {why}")
+    listing = {
+        "clusterid": info.get("clusterid"),
+        "leader": leader,
+        "term": term,
+        "members": member_rows(probes, leader),
+    }
+    ctx.show(listing, render.cluster_members_table)
+    return 0
+
+
+async def cmd_cluster_add(ctx: Context) -> int:
+    from cli.cluster import check_member_addr
+
+    try:
+        pid, addr = check_member_addr(ctx.args.multiaddr)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    key = ctx.cfg.key("server_prvkey")
+    async with ctx.client(key) as c:
+        reply = await c.add_member(pid, addr)
+    ctx.say(
+        f"member {pid} added at {addr} (the leader adds it to the Raft group)",
+        {"peerid": pid, "addr": addr, "members": reply.get("members", {})},
+    )
+    return 0
+
+
+async def cmd_cluster_remove(ctx: Context) -> int:
+    from cli.cluster import check_peer_id
+
+    try:
+        pid = check_peer_id(ctx.args.peerid)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    key = ctx.cfg.key("server_prvkey")
+    async with ctx.client(key) as c:
+        reply = await c.remove_member(pid)
+    ctx.say(
+        f"member {pid} removed (it leaves the Raft group and stops serving)",
+        {"peerid": pid, "removed": True, "members": reply.get("members", {})},
+    )
+    return 0
 
 
 async def cmd_status(ctx: Context) -> int:
-    """Server info (any key may ask), plus statistics for the keys that are configured."""
-    cfg = ctx.cfg
-    server_key = cfg.key("server_prvkey") if cfg.has("server_prvkey") else None
+    """Every member's Raft view, plus the statistics the configured keys may see: server
+    statistics with the server key, the colony's with a colony and a member key."""
+    cfg, a = ctx.cfg, ctx.args
+    seed = cfg.server_addr()
+    if a.watch and a.interval <= 0:
+        raise UsageError("--watch needs an --interval above 0")
+    from cli.status import StatusOptions, StatusReader, watch
+
     member_key = cfg.key("prvkey") if cfg.has("prvkey") else None
-    colony = cfg.colony_name() if cfg.has("colony_name") else None
-    status: dict[str, Any] = {}
-    notes: list[str] = []
-    async with ctx.client(member_key or server_key or PrivateKey.generate()) as c:
-        status["server"] = await c.server_info_fresh()
-        if server_key is not None:
-            try:
-                status["statistics"] = await c.with_key(server_key).statistics()
-            except ColoniesError as e:
-                notes.append(f"server statistics: {e.message} ({e.status})")
-        if colony and member_key is not None:
-            status["colonyname"] = colony
-            try:
-                status["colony"] = await c.with_key(member_key).colony_stats(colony)
-            except ColoniesError as e:
-                notes.append(f"colony {colony}: {e.message} ({e.status})")
-    if notes:
-        status["notes"] = notes
+    opts = StatusOptions(
+        seed=seed,
+        key=_any_key(cfg),
+        timeout=a.timeout,
+        server_key=cfg.key("server_prvkey") if cfg.has("server_prvkey") else None,
+        member_key=member_key,
+        colony=cfg.colony_name() if cfg.has("colony_name") and member_key is not None else None,
+        stale_after=a.stale_after,
+    )
+    async with StatusReader.open(opts) as reader:
+        if a.watch:
+            await watch(reader, a.interval, ctx.json, render.status_tables, render.console)
+            return 0
+        status = await reader.round()
+        if a.interval > 0:
+            await reader.sample_rate(status, a.interval)
     ctx.show(status, render.status_tables)
     if not ctx.json:
-        for n in notes:
+        for n in status.get("notes", []):
             print(f"note: {n}", file=sys.stderr)
+    if status["leader"] is None:
+        print(
+            f"{PROG}: error: no reachable node reports a leader "
+            f"({status['reachable']} of {status['members']} members answered)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return NO_LEADER_EXIT
     return 0
 
 
 # The command tree.
+
+
+def seconds(minimum: float, inclusive: bool = True) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+        if not math.isfinite(v) or v < minimum or (v == minimum and not inclusive):
+            bound = "at least" if inclusive else "above"
+            raise argparse.ArgumentTypeError(f"must be {bound} {minimum:g}, got {text}")
+        return v
+
+    return parse
 
 
 def positive_int(text: str) -> int:
@@ -568,17 +675,28 @@ def build_parser() -> Parser:
     p = leaf(g, "get", cmd_process_get, "show a process")
     p.add_argument("--processid", required=True)
     for verb, state, what in (("ps", RUNNING, "running"), ("psw", WAITING, "waiting"),
-                              ("pss", SUCCESS, "successful"), ("psf", FAILED, "failed")):
+                              ("pss", SUCCESS, "successful"), ("psf", FAILED, "failed"),
+                              ("psc", CANCELLED, "cancelled")):
         p = leaf(g, verb, _process_list(state), f"list {what} processes")
         p.add_argument("--count", type=positive_int, default=100, help="at most this many")
         p.add_argument("--type", help="only this executor type")
     p = leaf(g, "remove", cmd_process_remove, "remove a process")
     p.add_argument("--processid", required=True)
+    p = leaf(g, "cancel", cmd_process_cancel,
+             "cancel a waiting or running process (workflow members: cancel the workflow)")
+    p.add_argument("id", nargs="?", metavar="ID", help="the process id")
+    p.add_argument("--processid", help="the process id (instead of ID)")
     p = leaf(g, "removeall", cmd_process_removeall,
-             "remove the colony's processes (colony owner key)", aliases=("remove-all",))
+             "remove the colony's processes, but workflow members (colony owner key)",
+             aliases=("remove-all",))
     which = p.add_mutually_exclusive_group()
-    for flag in ("waiting", "running", "successful", "failed"):
+    for flag in ("waiting", "running", "successful", "failed", "cancelled"):
         which.add_argument(f"--{flag}", action="store_true", help=f"only {flag} ones")
+
+    # workflow
+    from cli import workflow_cmds
+
+    workflow_cmds.add_parser(group, leaf)
 
     # attribute
     g = group("attribute", "process attributes")
@@ -590,11 +708,36 @@ def build_parser() -> Parser:
     p = leaf(g, "get", cmd_attribute_get, "show an attribute")
     p.add_argument("--attributeid", required=True)
 
+    # cluster
+    g = group("cluster", "cluster members (add/remove: server owner key)")
+    p = leaf(g, "ls", cmd_cluster_ls, "list the members: reachable?, role, term")
+    p.add_argument("--timeout", type=seconds(0, inclusive=False), default=2.0, metavar="S",
+                   help="give each member S seconds to answer (default 2)")
+    p = leaf(g, "add", cmd_cluster_add, "add a member (server owner key)")
+    p.add_argument("multiaddr", metavar="MULTIADDR",
+                   help="the new member's full address /ip4/HOST/tcp/PORT/p2p/PEERID")
+    p = leaf(g, "remove", cmd_cluster_remove,
+             "remove a member; it stops serving (server owner key)")
+    p.add_argument("peerid", metavar="PEERID", help="the member's peer id (or full address)")
+
     # status
-    p = groups.add_parser("status", help="node, cluster and Raft status, plus statistics",
-                          description="Node, cluster and Raft status; server statistics with "
-                          "the server key; colony counts with a colony and a member key.")
+    p = groups.add_parser("status", help="the cluster at a glance: members, Raft, statistics",
+                          description="Every member's role, term, indexes and lag, each asked "
+                          "on its own connection (an unreachable one shows as down); server "
+                          "statistics with the server key; the colony's executors and "
+                          "processes with a colony and a member key. Exit status 3 when no "
+                          "reachable node reports a leader.")
     add_global_options(p, leaf=True)
+    p.add_argument("--watch", action="store_true",
+                   help="redraw every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=seconds(0), default=1.0, metavar="S",
+                   help="refresh period of --watch, and the window over which assigns/s is "
+                   "measured (0: no rate; default 1)")
+    p.add_argument("--timeout", type=seconds(0, inclusive=False), default=2.0, metavar="S",
+                   help="give each member S seconds to answer (default 2)")
+    p.add_argument("--stale-after", type=seconds(0, inclusive=False), default=60.0, metavar="S",
+                   help="an executor not heard from (no assign) in S seconds is stale "
+                   "(default 60)")
     p.set_defaults(handler=cmd_status)
 
     # dev

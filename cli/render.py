@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from protocol.messages import EXECUTOR_STATE_NAMES, STATE_NAMES
@@ -207,6 +208,15 @@ def process_tables(p: dict) -> list[Table]:
         tables.append(_kv_table("Errors", [(str(i), v) for i, v in enumerate(p["errors"])]))
     if p.get("attributes"):
         tables.append(attributes_table(p["attributes"]))
+    if p.get("processgraphid"):
+        tables.append(_kv_table("Workflow", [
+            ("processgraphid", p["processgraphid"]),
+            ("node", spec.get("nodename") or "-"),
+            ("waits for parents", "yes" if p.get("waitforparents") else "no"),
+            ("parents", "\n".join(p.get("parents", [])) or "-"),
+            ("children", "\n".join(p.get("children", [])) or "-"),
+            ("in", fmt_list(p.get("in", []), 400) or "-"),
+        ]))
     return tables
 
 
@@ -254,11 +264,13 @@ STAT_ROWS = [
     ("running processes", "runningprocesses"),
     ("successful processes", "successfulprocesses"),
     ("failed processes", "failedprocesses"),
+    ("cancelled processes", "cancelledprocesses"),
+    ("waiting workflows", "waitingworkflows"),
+    ("running workflows", "runningworkflows"),
+    ("successful workflows", "successfulworkflows"),
+    ("failed workflows", "failedworkflows"),
+    ("cancelled workflows", "cancelledworkflows"),
 ]
-
-# Shown first, in this order, when the replicator reports them; the rest follow by name.
-RAFT_FIRST = ("role", "state", "leader", "term", "commit_index", "last_applied", "has_quorum",
-              "members", "connected", "self")
 
 
 def stats_table(title: str, stats: dict, skip: tuple[str, ...] = ()) -> Table:
@@ -267,31 +279,125 @@ def stats_table(title: str, stats: dict, skip: tuple[str, ...] = ()) -> Table:
     return _kv_table(title, rows)
 
 
+def short_peer(pid: Any) -> str:
+    """A peer id for a table: its tail (secp256k1 peer ids all start with 16Uiu2HA)."""
+    if not isinstance(pid, str) or not pid:
+        return "-"
+    return pid if len(pid) <= 16 else ".." + pid[-10:]
+
+
+def short_addr(addr: Any) -> str:
+    """A member address without its /p2p/<peer id> tail (the peer id has its own column)."""
+    if not isinstance(addr, str) or not addr:
+        return "-"
+    return addr.rsplit("/p2p/", 1)[0]
+
+
+def fmt_seconds(v: Any) -> str:
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return "-"
+    if v < 1:
+        return f"{v * 1000:.0f} ms"
+    if v < 120:
+        return f"{v:.1f} s"
+    if v < 7200:
+        return f"{v / 60:.1f} min"
+    return f"{v / 3600:.1f} h"
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+ROLE_STYLES = {"leader": "bold green", "follower": "", "candidate": "yellow", "down": "bold red"}
+
+
+def _role(role: Any) -> str:
+    role = str(role or "unknown")
+    style = ROLE_STYLES.get(role, "")
+    return f"[{style}]{role}[/{style}]" if style else role
+
+
+def cluster_members_table(view: dict) -> Table:
+    """`cluster ls`: {"clusterid", "leader", "term", "members": [rows from cli/cluster.py]}."""
+    t = _table(None, "Peer ID", "Address", "Reachable", "Role", "Term", "Raft")
+    for m in view.get("members", []):
+        reachable = m.get("reachable")
+        t.add_row(
+            m.get("peerid", ""),
+            short_addr(m.get("addr")),
+            "-" if reachable is None else "yes" if reachable else "[bold red]no[/bold red]",
+            _role(m.get("role")),
+            _num(m.get("term")),
+            m.get("raft") or "-",
+        )
+    return t
+
+
 def status_tables(status: dict) -> list[Table]:
-    """`status`: {"server": getserverinfomsg, "statistics": ..., "colony": ..., "notes": [...]}."""
-    info = status.get("server", {})
-    rows: list[tuple[str, Any]] = [
-        ("version", info.get("version", "")),
-        ("peer id", info.get("peerid", "")),
-        ("addresses", "\n".join(info.get("addrs", [])) or "-"),
-        ("cluster id", info.get("clusterid", "")),
-        ("server owner id", info.get("serverid", "")),
+    """`status`: the cluster, its members, and the statistics the configured keys may see
+    (the shape cli/status.py builds)."""
+    nodes = status.get("nodes", [])
+    leader = status.get("leader")
+    versions = sorted({str(n["version"]) for n in nodes if n.get("version")})
+    tables = [
+        _kv_table(
+            "Cluster",
+            [
+                ("cluster id", status.get("clusterid") or "-"),
+                ("server owner id", status.get("serverid") or "-"),
+                ("leader", f"{leader} (term {status.get('term')})" if leader
+                 else "[bold red]none reachable[/bold red]"),
+                ("members", f"{status.get('reachable', 0)} of {status.get('members', 0)} reachable"),
+                ("version", ", ".join(versions) or "-"),
+            ],
+        )
     ]
-    raft = info.get("raft") or {}
-    if isinstance(raft, dict):
-        keys = [k for k in RAFT_FIRST if k in raft] + sorted(k for k in raft if k not in RAFT_FIRST)
-        rows += [(f"raft {k}", _raft_value(raft[k])) for k in keys]
-    tables = [_kv_table("Node", rows)]
+    problems = any(not n.get("reachable") for n in nodes)
+    columns = ["Peer ID", "Address", "Role", "Term", "Commit", "Applied", "Lag",
+               "Leader contact", "Queued", "In flight"]
+    t = _table("Nodes", *columns, *(["Problem"] if problems else []))
+    for n in nodes:
+        row = [short_peer(n.get("peerid")), short_addr(n.get("addr")), _role(n.get("role"))]
+        if n.get("reachable"):
+            contact = ("self" if n.get("peerid") == leader
+                       else fmt_seconds(n.get("leader_contact_s")))
+            row += [_num(n.get("term")), _num(n.get("commit_index")), _num(n.get("applied_index")),
+                    _num(n.get("lag")), contact, _num(n.get("queued")), _num(n.get("in_flight"))]
+            row += [""] if problems else []
+        else:
+            row += ["-"] * 7 + [escape(str(n.get("error") or "unreachable"))]
+        t.add_row(*row)
+    tables.append(t)
     if "statistics" in status:
         tables.append(stats_table("Server statistics", status["statistics"]))
-    if "colony" in status:
+    if "colonyview" in status:
+        tables.append(colony_view_table(status.get("colonyname", ""), status["colonyview"],
+                                        status.get("colony", {})))
+    elif "colony" in status:
         tables.append(
             stats_table(f"Colony {status.get('colonyname', '')}", status["colony"], ("colonies",))
         )
     return tables
 
 
-def _raft_value(v: Any) -> str:
-    if isinstance(v, list | tuple):
-        return "\n".join(fmt_value(x) for x in v) or "-"
-    return fmt_value(v)
+def colony_view_table(name: str, view: dict, stats: dict) -> Table:
+    ex = view.get("executors", {})
+    procs = view.get("processes", {})
+    oldest = view.get("oldest_waiting_s")
+    rows: list[tuple[str, Any]] = [
+        ("executors",
+         f"{ex.get('online', 0)} online, {ex.get('stale', 0)} stale "
+         f"(no assign in {fmt_seconds(ex.get('stale_after_s'))}), "
+         f"{ex.get('pending', 0)} pending, {ex.get('rejected', 0)} rejected"),
+        ("processes", ", ".join(f"{k} {v}" for k, v in procs.items()) or "-"),
+        ("oldest waiting",
+         f"{fmt_seconds(oldest)} ({view.get('oldest_waiting_processid')})"
+         if oldest is not None else "-"),
+        ("assigns/s", _num(view.get("assigns_per_s"))),
+    ]
+    flows = {k[: -len("workflows")]: v for k, v in stats.items()
+             if k.endswith("workflows") and isinstance(v, int)}
+    if any(flows.values()):
+        rows.append(("workflows", ", ".join(f"{k} {v}" for k, v in flows.items())))
+    return _kv_table(f"Colony {name}", rows)

@@ -10,28 +10,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from consensus import workflows
 from consensus.lifecycle import Event
 from consensus.listing import ALL_STATES
 from consensus.process_ops import (
     assign_next,
+    cancel,
     check_current_attempt,
     close,
     expire_due,
+    new_process,
+    normalized_spec,
     requeue,
 )
-from consensus.records import (
-    Attribute,
-    Colony,
-    Executor,
-    Process,
-    attribute_id,
-    deadline_after,
-    priority_time,
-)
+from consensus.records import Attribute, Colony, Executor, attribute_id
 from consensus.request import Request
 from consensus.state import ColonyState
 from protocol.errors import BadRequest, NotFound
-from protocol.messages import APPROVED, ENV, PENDING, REJECTED, RUNNING
+from protocol.messages import APPROVED, PENDING, REJECTED, RUNNING
 from protocol.schema import HEX64
 
 NO_PROCESS = "no process available for assignment"
@@ -112,37 +108,8 @@ def submit(st: ColonyState, req: Request, now: int) -> Any:
         raise BadRequest("a submit needs a generated 64-hex process id ('gen')")
     if pid in st.processes:
         raise BadRequest(f"process id {pid} is already in use")
-    spec = dict(req.body["spec"])
-    # Quirk 9.8 fixed: 0 means "no limit", as -1 does (upstream treats a 0 maxexectime as
-    # already expired on a single submit).
-    for limit in ("maxexectime", "maxwaittime"):
-        if spec[limit] == 0:
-            spec[limit] = -1
-    colony = spec["conditions"]["colonyname"]
-    initiator = st.executors[req.caller]  # the role rule made the caller an approved member
-    p = Process(
-        processid=pid,
-        seq=st.next_seq,
-        spec=spec,
-        initiatorid=req.caller,
-        initiatorname=initiator.executorname,
-        submissiontime=now,
-        prioritytime=priority_time(now, spec["priority"]),
-        waitdeadline=deadline_after(now, spec["maxwaittime"]),
-    )
-    # spec.env becomes ENV attributes; sorted so the order does not depend on the encoder.
-    for key in sorted(spec["env"]):
-        p.attributes.append(
-            Attribute(
-                attributeid=attribute_id(pid, key, ENV),
-                targetid=pid,
-                targetcolonyname=colony,
-                attributetype=ENV,
-                key=key,
-                value=spec["env"][key],
-            )
-        )
-    st.next_seq += 1
+    # The role rule made the caller an approved member (an executor).
+    p = new_process(st, pid, normalized_spec(req.body["spec"]), req.caller, now)
     st.add_process(p)
     st.applied_changes += 1
     return p.to_wire()
@@ -185,6 +152,11 @@ def close_assign(st: ColonyState, req: Request, now: int) -> Any:
 
 def remove_process(st: ColonyState, req: Request, now: int) -> Any:
     p = st.processes[req.body["processid"]]
+    if p.processgraphid:
+        raise BadRequest(
+            f"process {p.processid} belongs to workflow {p.processgraphid}: "
+            "remove the workflow instead (removeprocessgraphmsg)"
+        )
     if p.state == RUNNING:
         raise BadRequest(f"process {p.processid} is running and cannot be removed")
     st.remove_process(p)
@@ -192,13 +164,28 @@ def remove_process(st: ColonyState, req: Request, now: int) -> Any:
 
 
 def remove_all_processes(st: ColonyState, req: Request, now: int) -> Any:
+    """Workflow members are left alone: they go with their graph (removeallprocessgraphsmsg),
+    so no graph ever names a process that is gone."""
     colony, state = req.body["colonyname"], req.body["state"]
     if state == RUNNING:
         raise BadRequest("running processes cannot be removed")
     states = [s for s in ALL_STATES if s != RUNNING] if state == -1 else [state]
     for s in states:
         for pid in st.listing.ids(colony, s):
-            st.remove_process(st.processes[pid])
+            p = st.processes[pid]
+            if not p.processgraphid:
+                st.remove_process(p)
+    return {}
+
+
+def cancel_process(st: ColonyState, req: Request, now: int) -> Any:
+    p = st.processes[req.body["processid"]]
+    if p.processgraphid:
+        raise BadRequest(
+            f"process {p.processid} belongs to workflow {p.processgraphid}: "
+            "cancel the workflow instead (cancelprocessgraphmsg)"
+        )
+    cancel(st, p, now)
     return {}
 
 
@@ -258,9 +245,11 @@ WRITES: dict[str, Handler] = {
     "closeassignmsg": close_assign,
     "removeprocessmsg": remove_process,
     "removeallprocessesmsg": remove_all_processes,
+    "cancelprocessmsg": cancel_process,
     "addattributemsg": add_attribute,
     "addmembermsg": add_member,
     "removemembermsg": remove_member,
+    **workflows.WRITES,
 }
 
 

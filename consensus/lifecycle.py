@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from protocol.errors import BadRequest
-from protocol.messages import FAILED, RUNNING, STATE_NAMES, SUCCESS, WAITING
+from protocol.messages import CANCELLED, FAILED, RUNNING, STATE_NAMES, SUCCESS, WAITING
 
 
 class Event(StrEnum):
@@ -21,6 +21,8 @@ class Event(StrEnum):
     EXEC_TIMEOUT_FAIL = "exec timeout, no retries left"
     WAIT_TIMEOUT = "wait timeout"  # waited longer than maxwaittime
     EXECUTOR_REMOVED = "executor removed"  # back to the queue, retries unchanged
+    CANCEL = "cancel"  # cancelprocessmsg, or its workflow was cancelled
+    WORKFLOW_FAILED = "workflow failed"  # another member of its workflow failed
 
 
 TRANSITIONS: dict[tuple[int, Event], int] = {
@@ -31,6 +33,10 @@ TRANSITIONS: dict[tuple[int, Event], int] = {
     (RUNNING, Event.EXEC_TIMEOUT_REQUEUE): WAITING,
     (RUNNING, Event.EXEC_TIMEOUT_FAIL): FAILED,
     (RUNNING, Event.EXECUTOR_REMOVED): WAITING,
+    (WAITING, Event.CANCEL): CANCELLED,
+    (RUNNING, Event.CANCEL): CANCELLED,
+    (WAITING, Event.WORKFLOW_FAILED): FAILED,
+    (RUNNING, Event.WORKFLOW_FAILED): FAILED,
 }
 
 

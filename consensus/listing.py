@@ -1,6 +1,8 @@
 """Processes per (colony, state) and per (colony, state, executortype), in submission order.
 
-Listing a page is O(count) (a k-way merge over at most four states), counting is O(1), and
+Process graphs are listed with the same structure (their executortype is "").
+
+Listing a page is O(count) (a k-way merge over at most five states), counting is O(1), and
 the statistics are these counts, so they can never drift from what a listing returns.
 Ordered by submission sequence number, not by when a process entered its state, so a
 requeued process keeps its place.
@@ -14,9 +16,9 @@ from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedDict
 
-from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
+from protocol.messages import CANCELLED, FAILED, RUNNING, SUCCESS, WAITING
 
-ALL_STATES = (WAITING, RUNNING, SUCCESS, FAILED)
+ALL_STATES = (WAITING, RUNNING, SUCCESS, FAILED, CANCELLED)
 
 
 class ProcessListing:
@@ -27,12 +29,14 @@ class ProcessListing:
 
     def add(self, colony: str, state: int, executortype: str, seq: int, pid: str) -> None:
         _at(self._by_state, (colony, state))[seq] = pid
-        _at(self._by_state_type, (colony, state, executortype))[seq] = pid
+        if executortype:  # "" for graphs: no per-type index
+            _at(self._by_state_type, (colony, state, executortype))[seq] = pid
         self._totals[state] += 1
 
     def remove(self, colony: str, state: int, executortype: str, seq: int) -> None:
         _pop(self._by_state, (colony, state), seq)
-        _pop(self._by_state_type, (colony, state, executortype), seq)
+        if executortype:
+            _pop(self._by_state_type, (colony, state, executortype), seq)
         self._totals[state] -= 1
 
     def total(self, state: int) -> int:

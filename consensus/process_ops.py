@@ -1,17 +1,29 @@
-"""The moves of a process through its lifecycle: assign, close, requeue, time out.
+"""The moves of a process through its lifecycle: create, assign, close, requeue, time out,
+cancel.
 
 Each move first checks everything that can refuse it, then calls `ColonyState.transition`
-once, so a refused move changes nothing.
+once, so a refused move changes nothing. A workflow member's end then moves its graph on
+(graphs.py): its children may become ready, or its failure fails the graph.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from consensus import graphs
 from consensus.deadlines import EXEC
 from consensus.lifecycle import Event
-from consensus.records import Executor, Process, deadline_after
+from consensus.records import (
+    Attribute,
+    Executor,
+    Process,
+    attribute_id,
+    deadline_after,
+    priority_time,
+)
 from consensus.state import ColonyState
 from protocol.errors import BadRequest
-from protocol.messages import RUNNING, STATE_NAMES
+from protocol.messages import CANCELLED, ENV, FAILED, RUNNING, STATE_NAMES, WAITING
 
 EXEC_TIMEOUT_ERROR = "Maximum execution time limit exceeded"
 WAIT_TIMEOUT_ERROR = "Maximum waiting time limit exceeded"
@@ -19,6 +31,65 @@ WAIT_TIMEOUT_ERROR = "Maximum waiting time limit exceeded"
 # A tick expires at most this many deadlines, so one log entry stays cheap to apply; the
 # rest stay due and the leader's ticker proposes another tick at once.
 MAX_EXPIRED_PER_TICK = 10_000
+
+
+def normalized_spec(spec: dict[str, Any], colonyname: str | None = None) -> dict[str, Any]:
+    """A copy of a validated spec as the machine stores it; `colonyname` overrides the spec's
+    colony (a workflow's colony is the colony of all its specs)."""
+    spec = dict(spec)
+    # Quirk 9.8 fixed: 0 means "no limit", as -1 does (upstream treats a 0 maxexectime as
+    # already expired on a single submit).
+    for limit in ("maxexectime", "maxwaittime"):
+        if spec[limit] == 0:
+            spec[limit] = -1
+    if colonyname is not None:
+        spec["conditions"] = {**spec["conditions"], "colonyname": colonyname}
+    return spec
+
+
+def new_process(
+    st: ColonyState,
+    pid: str,
+    spec: dict[str, Any],
+    initiatorid: str,
+    now: int,
+    *,
+    processgraphid: str = "",
+    parents: list[str] | None = None,
+    children: list[str] | None = None,
+) -> Process:
+    """A WAITING process (not yet added to the state) with the next sequence number. A
+    process with parents waits for them and gets its wait deadline when they have all
+    succeeded; any other starts waiting now. spec.env becomes ENV attributes."""
+    waits = bool(parents)
+    p = Process(
+        processid=pid,
+        seq=st.next_seq,
+        spec=spec,
+        initiatorid=initiatorid,
+        initiatorname=st.executors[initiatorid].executorname,
+        submissiontime=now,
+        prioritytime=priority_time(now, spec["priority"]),
+        waitdeadline=0 if waits else deadline_after(now, spec["maxwaittime"]),
+        processgraphid=processgraphid,
+        parents=list(parents or []),
+        children=list(children or []),
+        waitforparents=waits,
+    )
+    st.next_seq += 1
+    # Sorted so the order does not depend on the encoder.
+    for key in sorted(spec["env"]):
+        p.attributes.append(
+            Attribute(
+                attributeid=attribute_id(pid, key, ENV),
+                targetid=pid,
+                targetcolonyname=p.colonyname,
+                attributetype=ENV,
+                key=key,
+                value=spec["env"][key],
+            )
+        )
+    return p
 
 
 def assign_next(st: ColonyState, ex: Executor, now: int) -> Process | None:
@@ -39,13 +110,21 @@ def assign_next(st: ColonyState, ex: Executor, now: int) -> Process | None:
             "attempt": p.attempt + 1,
             "execdeadline": deadline_after(now, p.spec["maxexectime"]),
         },
+        now,
     )
     return p
 
 
 def check_current_attempt(p: Process, attempt: int) -> None:
     """A close must name the running attempt: a late close from an expired one is refused."""
-    if p.state != RUNNING:
+    if p.state == CANCELLED:
+        raise BadRequest(
+            f"process {p.processid} was cancelled: attempt {attempt} cannot be closed "
+            "(its result is not recorded; stop working on it)"
+        )
+    if p.state == FAILED and p.errors:
+        why = f"the process failed: {p.errors[0]}"
+    elif p.state != RUNNING:
         why = f"the process is {STATE_NAMES.get(p.state, p.state)}"
     elif attempt != p.attempt:
         why = f"the current attempt is {p.attempt}"
@@ -64,9 +143,22 @@ def close(
         changes: dict = {"endtime": now}
         if out:  # as Colonies: an empty out leaves the output alone
             changes["out"] = list(out)
-        st.transition(p, Event.CLOSE_SUCCESS, changes)
+        st.transition(p, Event.CLOSE_SUCCESS, changes, now)
+        graphs.member_succeeded(st, p, now)
     else:
-        st.transition(p, Event.CLOSE_FAILED, {"endtime": now, "errors": list(errors)})
+        st.transition(p, Event.CLOSE_FAILED, {"endtime": now, "errors": list(errors)}, now)
+        graphs.member_failed(st, p, now)
+
+
+def cancel(st: ColonyState, p: Process, now: int) -> None:
+    """WAITING or RUNNING -> CANCELLED. A running attempt stays assigned to its executor, so
+    its close gets a clear refusal (check_current_attempt) rather than 'not assigned'."""
+    if p.state not in (WAITING, RUNNING):
+        raise BadRequest(
+            f"process {p.processid} is {STATE_NAMES.get(p.state, p.state)} "
+            "and cannot be cancelled (only waiting or running processes can)"
+        )
+    st.transition(p, Event.CANCEL, {"endtime": now}, now)
 
 
 def requeue(st: ColonyState, p: Process, now: int, event: Event) -> None:
@@ -85,26 +177,39 @@ def requeue(st: ColonyState, p: Process, now: int, event: Event) -> None:
     }
     if event is Event.EXEC_TIMEOUT_REQUEUE:
         changes["retries"] = p.retries + 1
-    st.transition(p, event, changes)
+    st.transition(p, event, changes, now)
 
 
 def expire_due(st: ColonyState, now: int) -> dict[str, list[str]]:
-    """Apply every exec and wait deadline <= now (at most MAX_EXPIRED_PER_TICK of them)."""
+    """Apply every exec and wait deadline <= now (at most MAX_EXPIRED_PER_TICK of them).
+
+    `failed` lists the processes whose own deadline failed them; members of their workflows
+    that failed with them are not listed."""
     requeued: list[str] = []
     failed: list[str] = []
-    for _deadline, pid, kind in st.deadlines.due(now, MAX_EXPIRED_PER_TICK):
+    for entry in st.deadlines.due(now, MAX_EXPIRED_PER_TICK):
+        _deadline, pid, kind = entry
+        if st.deadlines.get(pid) != entry:
+            continue  # an earlier expiry in this tick failed its workflow, and it with it
         p = st.processes[pid]
         if kind == EXEC:
             maxretries = p.spec["maxretries"]
             if maxretries > -1 and p.retries >= maxretries:
                 st.transition(
-                    p, Event.EXEC_TIMEOUT_FAIL, {"endtime": now, "errors": [EXEC_TIMEOUT_ERROR]}
+                    p,
+                    Event.EXEC_TIMEOUT_FAIL,
+                    {"endtime": now, "errors": [EXEC_TIMEOUT_ERROR]},
+                    now,
                 )
+                graphs.member_failed(st, p, now)
                 failed.append(pid)
             else:
                 requeue(st, p, now, Event.EXEC_TIMEOUT_REQUEUE)
                 requeued.append(pid)
         else:
-            st.transition(p, Event.WAIT_TIMEOUT, {"endtime": now, "errors": [WAIT_TIMEOUT_ERROR]})
+            st.transition(
+                p, Event.WAIT_TIMEOUT, {"endtime": now, "errors": [WAIT_TIMEOUT_ERROR]}, now
+            )
+            graphs.member_failed(st, p, now)
             failed.append(pid)
     return {"requeued": requeued, "failed": failed}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from consensus import workflows
 from consensus.listing import ALL_STATES
 from consensus.request import Request
 from consensus.state import ColonyState
@@ -67,4 +68,5 @@ READS: dict[str, Query] = {
     "getprocessmsg": get_process,
     "getprocessesmsg": get_processes,
     "getattributemsg": get_attribute,
+    **workflows.READS,
 }

@@ -100,6 +100,13 @@ class RaftTimeouts:
     min_timeout: float
     max_timeout: float
 
+    @property
+    def leader_fallback(self) -> float:
+        """A leader that has heard from no majority for this long steps down (PySyncObj's
+        default, 30 s, lets a cut-off leader claim the role, and take writes that can only
+        time out, long after the rest elected another)."""
+        return 3 * self.max_timeout
+
     def __post_init__(self) -> None:
         if not 0 < 3 * self.append_entries_period < self.min_timeout < self.max_timeout:
             raise ValueError(
@@ -365,6 +372,7 @@ class ReplicatedColony(SyncObj):
             appendEntriesPeriod=timeouts.append_entries_period,
             raftMinTimeout=timeouts.min_timeout,
             raftMaxTimeout=timeouts.max_timeout,
+            leaderFallbackTimeout=timeouts.leader_fallback,
             appendEntriesBatchSizeBytes=MAX_ENTRY_BYTES,
             logCompactionMinEntries=log_compaction_min_entries,
             logCompactionMinTime=log_compaction_min_time,
@@ -448,6 +456,7 @@ class ReplicatedColony(SyncObj):
         conf.appendEntriesPeriod = timeouts.append_entries_period
         conf.raftMinTimeout = timeouts.min_timeout
         conf.raftMaxTimeout = timeouts.max_timeout
+        conf.leaderFallbackTimeout = timeouts.leader_fallback
 
     @property
     def caught_up(self) -> bool:

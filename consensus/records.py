@@ -1,4 +1,4 @@
-"""State records: colonies, executors, processes and attributes as the machine keeps them.
+"""State records: colonies, executors, processes, process graphs and attributes.
 
 Each record converts to its Colonies (HEAD) JSON shape with `to_wire()` and back from the
 snapshot form with `from_snapshot()`. `to_wire()` always builds a fresh dict, so a reply
@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.messages import WAITING
+from protocol.messages import CANCELLED, FAILED, RUNNING, STATE_NAMES, SUCCESS, WAITING
 
 # Times we store are clamped to int64 so every int stays msgpack-able, however large a
 # client's maxwaittime/maxexectime or priority is.
@@ -148,6 +148,14 @@ class Process:
     inputs: list[Any] = field(default_factory=list)
     out: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Workflow membership. `parents` are in the order of the spec's dependencies (the order
+    # `in` concatenates their outputs); `waitforparents` is true until every parent has
+    # succeeded, and such a process is not in the assign queue. The lists are replaced, never
+    # changed in place, so replies that share them stay as they were.
+    processgraphid: str = ""
+    parents: list[str] = field(default_factory=list)
+    children: list[str] = field(default_factory=list)
+    waitforparents: bool = False
 
     @property
     def colonyname(self) -> str:
@@ -187,12 +195,10 @@ class Process:
             "in": self.inputs,
             "out": self.out,
             "errors": self.errors,
-            # Workflows are not built yet; the fields are here so clients that require
-            # them (pycolonies) accept our processes.
-            "waitforparents": False,
-            "parents": [],
-            "children": [],
-            "processgraphid": "",
+            "waitforparents": self.waitforparents,
+            "parents": self.parents,
+            "children": self.children,
+            "processgraphid": self.processgraphid,
         }
 
     def to_snapshot(self) -> dict[str, Any]:
@@ -223,4 +229,84 @@ class Process:
             inputs=list(d["in"]),
             out=list(d["out"]),
             errors=list(d["errors"]),
+            # Absent from snapshots written before workflows existed (format 1).
+            processgraphid=d.get("processgraphid", ""),
+            parents=list(d.get("parents", [])),
+            children=list(d.get("children", [])),
+            waitforparents=bool(d.get("waitforparents", False)),
+        )
+
+
+def graph_state(counts: list[int], total: int) -> int:
+    """A graph's state from its members' states, as Colonies HEAD computes it: FAILED if any
+    failed, else CANCELLED if any was cancelled, SUCCESS if all succeeded, RUNNING once any
+    has started (running or succeeded), else WAITING."""
+    if counts[FAILED]:
+        return FAILED
+    if counts[CANCELLED]:
+        return CANCELLED
+    if total and counts[SUCCESS] == total:
+        return SUCCESS
+    if counts[SUCCESS] or counts[RUNNING]:
+        return RUNNING
+    return WAITING
+
+
+
+@dataclass(slots=True)
+class ProcessGraph:
+    """A workflow: a DAG of processes submitted together (and grown by addchildmsg).
+
+    `state`, `starttime` and `endtime` follow the members (ColonyState keeps them right);
+    `counts` (members per state) is derived, rebuilt from the members on restore, and not
+    part of snapshots. `processids` is in creation order; it and `rootprocessids` change in
+    place, so `to_wire` copies them.
+    """
+
+    processgraphid: str
+    seq: int  # shares the process sequence: graphs list in submission order
+    colonyname: str
+    initiatorid: str
+    initiatorname: str
+    submissiontime: int
+    rootprocessids: list[str] = field(default_factory=list)
+    processids: list[str] = field(default_factory=list)
+    state: int = WAITING
+    starttime: int = 0
+    endtime: int = 0
+    counts: list[int] = field(default_factory=lambda: [0] * len(STATE_NAMES))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "processgraphid": self.processgraphid,
+            "colonyname": self.colonyname,
+            "initiatorid": self.initiatorid,
+            "initiatorname": self.initiatorname,
+            "rootprocessids": list(self.rootprocessids),
+            "processids": list(self.processids),
+            "state": self.state,
+            "submissiontime": self.submissiontime,
+            "starttime": self.starttime,
+            "endtime": self.endtime,
+        }
+
+    def to_snapshot(self) -> dict[str, Any]:
+        d = self.to_wire()
+        d["seq"] = self.seq
+        return d
+
+    @classmethod
+    def from_snapshot(cls, d: dict[str, Any]) -> ProcessGraph:
+        return cls(
+            processgraphid=d["processgraphid"],
+            seq=d["seq"],
+            colonyname=d["colonyname"],
+            initiatorid=d["initiatorid"],
+            initiatorname=d["initiatorname"],
+            submissiontime=d["submissiontime"],
+            rootprocessids=list(d["rootprocessids"]),
+            processids=list(d["processids"]),
+            state=d["state"],
+            starttime=d["starttime"],
+            endtime=d["endtime"],
         )

@@ -55,12 +55,24 @@ def attribute_colony(st: ColonyState, body: Body) -> str:
     return st.attribute(body["attributeid"]).targetcolonyname
 
 
+def workflow_colony(st: ColonyState, body: Body) -> str:
+    return st.colony(body["spec"]["colonyname"]).name
+
+
+def graph_colony(st: ColonyState, body: Body) -> str:
+    return st.graph(body["processgraphid"]).colonyname
+
+
 def process_id(body: Body) -> str:
     return body["processid"]
 
 
 def attribute_target(body: Body) -> str:
     return body["attribute"]["targetid"]
+
+
+def parent_process_id(body: Body) -> str:
+    return body["parentprocessid"]
 
 
 # The roles.
@@ -162,8 +174,19 @@ RULES: dict[str, Rule] = {
     "getprocessesmsg": member(named_colony("colonyname"), approved=True),
     "removeprocessmsg": member(process_colony, approved=True),
     "removeallprocessesmsg": colony_owner(named_colony("colonyname")),
+    # Any approved member may cancel (as Colonies); workflow members only with their graph.
+    "cancelprocessmsg": member(process_colony, approved=True),
     "addattributemsg": assigned(attribute_target),
     "getattributemsg": member(attribute_colony, approved=True),
+    # Workflows.
+    "submitworkflowspecmsg": member(workflow_colony, approved=True),
+    "getprocessgraphmsg": member(graph_colony, approved=True),
+    "getprocessgraphsmsg": member(named_colony("colonyname"), approved=True),
+    "removeprocessgraphmsg": member(graph_colony, approved=True),
+    "removeallprocessgraphsmsg": colony_owner(named_colony("colonyname")),
+    "cancelprocessgraphmsg": member(graph_colony, approved=True),
+    # Only the executor running the parent extends the graph from it.
+    "addchildmsg": assigned(parent_process_id),
 }
 
 

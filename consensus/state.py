@@ -8,6 +8,11 @@ roles.py, the commands in commands.py.
 Index membership of a process is a pure function of its fields (`_index`/`_unindex`), so a
 state change is: unindex, assign fields, reindex. The field assignments cannot fail, which
 keeps a command from being half-applied.
+
+Process graphs (workflows) are kept the same way: a member's state is counted in its graph
+(`_index`/`_unindex`), and every transition of a member refreshes the graph's state, times
+and listing in O(1). What a member's end does to the rest of its graph (children become
+ready, a failure fails the graph) is workflow policy, in graphs.py.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ from consensus.deadlines import EXEC, WAIT, DeadlineIndex
 from consensus.lifecycle import Event, next_state
 from consensus.listing import ALL_STATES, ProcessListing
 from consensus.nonces import NonceBook
-from consensus.records import Attribute, Colony, Executor, Process
+from consensus.records import Attribute, Colony, Executor, Process, ProcessGraph, graph_state
 from protocol.errors import InternalError, NotFound
-from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
+from protocol.messages import CANCELLED, FAILED, FINISHED_STATES, RUNNING, SUCCESS, WAITING
 
-SNAPSHOT_FORMAT = 1
+# 2 added process graphs and the processes' workflow fields; format 1 snapshots (no
+# workflows) still load.
+SNAPSHOT_FORMAT = 2
+READABLE_SNAPSHOT_FORMATS = (1, 2)
 
 # The process fields a transition may change (everything else is fixed at submission).
 _MUTABLE = frozenset(
@@ -39,7 +47,20 @@ _MUTABLE = frozenset(
         "out",
         "errors",
         "inputs",
+        "waitforparents",
+        "parents",
+        "children",
     }
+)
+
+
+# Statistics keys, as Colonies names them: waitingprocesses, ..., cancelledworkflows.
+_STAT_LABELS = (
+    (WAITING, "waiting"),
+    (RUNNING, "running"),
+    (SUCCESS, "successful"),
+    (FAILED, "failed"),
+    (CANCELLED, "cancelled"),
 )
 
 
@@ -58,6 +79,8 @@ class ColonyState:
         self.executors: dict[str, Executor] = {}  # by executorid
         self.colony_executors: dict[str, dict[str, str]] = {}  # colony -> name -> executorid
         self.processes: dict[str, Process] = {}
+        self.graphs: dict[str, ProcessGraph] = {}
+        self.graph_listing = ProcessListing()  # graphs per (colony, state), by seq
         self.attributes: dict[str, Attribute] = {}
         self.queue = AssignQueue()
         self.deadlines = DeadlineIndex()
@@ -85,6 +108,12 @@ class ColonyState:
             raise NotFound(f"process {processid} not found")
         return p
 
+    def graph(self, processgraphid: str) -> ProcessGraph:
+        g = self.graphs.get(processgraphid)
+        if g is None:
+            raise NotFound(f"process graph {processgraphid} not found")
+        return g
+
     def attribute(self, attributeid: str) -> Attribute:
         a = self.attributes.get(attributeid)
         if a is None:
@@ -99,8 +128,11 @@ class ColonyState:
         self.colony_executors[colony.name] = {}
 
     def remove_colony(self, name: str) -> None:
-        """Remove a colony with everything in it: processes, attributes, executors."""
+        """Remove a colony with everything in it: graphs, processes, attributes, executors."""
         colony = self.colonies[name]
+        for state in ALL_STATES:
+            for gid in self.graph_listing.ids(name, state):
+                self.remove_graph(self.graphs[gid])
         for state in ALL_STATES:
             for pid in self.listing.ids(name, state):
                 self.remove_process(self.processes[pid])
@@ -139,17 +171,56 @@ class ColonyState:
             del self.attributes[a.attributeid]
         del self.processes[p.processid]
 
-    def transition(self, p: Process, event: Event, changes: dict[str, Any]) -> None:
-        """Move `p` along the lifecycle table and set `changes`, keeping every index right."""
+    def transition(self, p: Process, event: Event, changes: dict[str, Any], now: int) -> None:
+        """Move `p` along the lifecycle table and set `changes`, keeping every index right
+        (its graph's state too, which may change at `now`)."""
         new_state = next_state(p.state, event)  # refuses an illegal move before any change
+        self._set(p, new_state, changes, now)
+
+    def update(self, p: Process, changes: dict[str, Any], now: int) -> None:
+        """Change fields of `p` without a state change (e.g. its parents all succeeded)."""
+        self._set(p, p.state, changes, now)
+
+    def _set(self, p: Process, state: int, changes: dict[str, Any], now: int) -> None:
         for k in changes:
             if k not in _MUTABLE:
                 raise InternalError(f"process field '{k}' cannot change")
         self._unindex(p)
-        p.state = new_state
+        p.state = state
         for k, v in changes.items():
             setattr(p, k, v)
         self._index(p)
+        if p.processgraphid:
+            self.refresh_graph(self.graphs[p.processgraphid], now)
+
+    # Process graphs. Members are added with add_process after their graph, and removed
+    # with it.
+
+    def add_graph(self, g: ProcessGraph) -> None:
+        self.graphs[g.processgraphid] = g
+        self.graph_listing.add(g.colonyname, g.state, "", g.seq, g.processgraphid)
+
+    def remove_graph(self, g: ProcessGraph) -> None:
+        """Remove a graph and all its processes."""
+        for pid in g.processids:
+            self.remove_process(self.processes[pid])
+        self.graph_listing.remove(g.colonyname, g.state, "", g.seq)
+        del self.graphs[g.processgraphid]
+
+    def refresh_graph(self, g: ProcessGraph, now: int) -> None:
+        """Recompute the graph's state from its member counts (O(1)); it starts when it first
+        runs and ends when it reaches a final state (a graph cancelled or failed before
+        anything ran keeps starttime 0)."""
+        state = graph_state(g.counts, len(g.processids))
+        if state == g.state:
+            return
+        self.graph_listing.remove(g.colonyname, g.state, "", g.seq)
+        g.state = state
+        if state == RUNNING and g.starttime == 0:
+            g.starttime = now
+        if state in FINISHED_STATES:
+            g.endtime = now
+        self.graph_listing.add(g.colonyname, g.state, "", g.seq, g.processgraphid)
 
     def add_attribute(self, p: Process, a: Attribute) -> None:
         p.attributes.append(a)
@@ -158,10 +229,15 @@ class ColonyState:
     def _index(self, p: Process) -> None:
         pid = p.processid
         self.listing.add(p.colonyname, p.state, p.executortype, p.seq, pid)
+        if p.processgraphid:
+            self.graphs[p.processgraphid].counts[p.state] += 1
         if p.state == WAITING:
-            self.queue.add(p.colonyname, p.executortype, p.target_names, p.queue_key)
-            if p.waitdeadline > 0:
-                self.deadlines.set(pid, p.waitdeadline, WAIT)
+            # A workflow member waiting for its parents is neither assignable nor on a wait
+            # deadline: its wait starts when it becomes ready (semantics quirk #9, decided).
+            if not p.waitforparents:
+                self.queue.add(p.colonyname, p.executortype, p.target_names, p.queue_key)
+                if p.waitdeadline > 0:
+                    self.deadlines.set(pid, p.waitdeadline, WAIT)
         elif p.state == RUNNING:
             if p.execdeadline > 0:
                 self.deadlines.set(pid, p.execdeadline, EXEC)
@@ -170,9 +246,12 @@ class ColonyState:
     def _unindex(self, p: Process) -> None:
         pid = p.processid
         self.listing.remove(p.colonyname, p.state, p.executortype, p.seq)
+        if p.processgraphid:
+            self.graphs[p.processgraphid].counts[p.state] -= 1
         self.deadlines.clear(pid)
         if p.state == WAITING:
-            self.queue.remove(p.colonyname, p.executortype, p.target_names, p.queue_key)
+            if not p.waitforparents:
+                self.queue.remove(p.colonyname, p.executortype, p.target_names, p.queue_key)
         elif p.state == RUNNING:
             running = self.running_by_executor[p.assignedexecutorid]
             del running[pid]
@@ -182,24 +261,20 @@ class ColonyState:
     # Statistics: always the listing sizes.
 
     def statistics(self) -> dict[str, int]:
-        return {
-            "colonies": len(self.colonies),
-            "executors": len(self.executors),
-            "waitingprocesses": self.listing.total(WAITING),
-            "runningprocesses": self.listing.total(RUNNING),
-            "successfulprocesses": self.listing.total(SUCCESS),
-            "failedprocesses": self.listing.total(FAILED),
-        }
+        stats = {"colonies": len(self.colonies), "executors": len(self.executors)}
+        for state, label in _STAT_LABELS:
+            stats[f"{label}processes"] = self.listing.total(state)
+        for state, label in _STAT_LABELS:
+            stats[f"{label}workflows"] = self.graph_listing.total(state)
+        return stats
 
     def colony_statistics(self, name: str) -> dict[str, int]:
-        return {
-            "colonies": 1,
-            "executors": len(self.colony_executors[name]),
-            "waitingprocesses": self.listing.count(name, WAITING),
-            "runningprocesses": self.listing.count(name, RUNNING),
-            "successfulprocesses": self.listing.count(name, SUCCESS),
-            "failedprocesses": self.listing.count(name, FAILED),
-        }
+        stats = {"colonies": 1, "executors": len(self.colony_executors[name])}
+        for state, label in _STAT_LABELS:
+            stats[f"{label}processes"] = self.listing.count(name, state)
+        for state, label in _STAT_LABELS:
+            stats[f"{label}workflows"] = self.graph_listing.count(name, state)
+        return stats
 
     # Snapshots: plain msgpack-able data in a canonical order (sorted by name or sequence),
     # so two replicas with the same state produce the same bytes.
@@ -220,6 +295,9 @@ class ColonyState:
                     key=lambda e: (self.executors[e].colonyname, self.executors[e].executorname),
                 )
             ],
+            "processgraphs": [
+                g.to_snapshot() for g in sorted(self.graphs.values(), key=lambda g: g.seq)
+            ],
             "processes": [
                 p.to_snapshot() for p in sorted(self.processes.values(), key=lambda p: p.seq)
             ],
@@ -229,7 +307,7 @@ class ColonyState:
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> ColonyState:
-        if data.get("format") != SNAPSHOT_FORMAT:
+        if data.get("format") not in READABLE_SNAPSHOT_FORMATS:
             raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
         st = cls()
         st.server_id = data["serverid"]
@@ -241,6 +319,10 @@ class ColonyState:
             st.add_colony(Colony.from_snapshot(c))
         for e in data["executors"]:
             st.add_executor(Executor.from_snapshot(e))
+        # Graphs first: adding a member counts it in its graph. Their states come from the
+        # snapshot; the counts are rebuilt from the members.
+        for g in data.get("processgraphs", []):
+            st.add_graph(ProcessGraph.from_snapshot(g))
         for p in data["processes"]:
             st.add_process(Process.from_snapshot(p))
         st.nonces = NonceBook.from_snapshot(data["nonces"])

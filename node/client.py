@@ -18,12 +18,20 @@ from typing import Any
 
 import trio
 
-from node.connection import Connection, ConnectionLost
+from node.connection import Connection, ConnectionLost, leaves
 from node.dispatch import DEFAULT_CALL_TIMEOUT_S
 from protocol.envelope import seal
 from protocol.errors import BadRequest, ColoniesError, RequestTimeout, Unavailable
 from protocol.identity import PrivateKey
-from protocol.messages import FAILED, MESSAGES, RUNNING, SUCCESS, WAITING
+from protocol.messages import (
+    CANCELLED,
+    FAILED,
+    FINISHED_STATES,
+    MESSAGES,
+    RUNNING,
+    SUCCESS,
+    WAITING,
+)
 
 ANY_AUDIENCE = "*"
 
@@ -75,6 +83,14 @@ class _Link:
             raise last
 
 
+class _PinnedLink(_Link):
+    """A link that stays with the node it was opened to: it learns no other members, so a
+    reconnect goes back to the same address (what it reads is that node's own view)."""
+
+    def learn(self, info: dict) -> None:
+        pass
+
+
 class Client:
     def __init__(self, link: _Link, key: PrivateKey, cluster_id: str, info: dict) -> None:
         self._link = link
@@ -106,10 +122,36 @@ class Client:
         except BaseExceptionGroup as group:
             # The nursery wraps what the caller's block raised; give them the error itself,
             # so `except NotFound:` around the block works.
-            leaves = _leaves(group)
-            if len(leaves) == 1:
-                raise leaves[0] from None
+            found = leaves(group)
+            if len(found) == 1:
+                raise found[0] from None
             raise
+
+    @classmethod
+    async def open(
+        cls,
+        nursery: trio.Nursery,
+        addr: str | list[str],
+        key: PrivateKey | str,
+        timeout: float = 10.0,
+        *,
+        pinned: bool = False,
+    ) -> Client:
+        """Like `connect`, for callers that keep clients open across tasks: the connection
+        lives in `nursery` (which must outlive the client) until `aclose()`. With `pinned`
+        the client stays with the one node at `addr` and never moves to another member, so
+        a status reader sees each member's own view (the CLI's `status` probes)."""
+        addrs = [addr] if isinstance(addr, str) else addr
+        link = _PinnedLink(nursery, addrs, timeout) if pinned else _Link(nursery, addrs, timeout)
+        key = _key(key)
+        await link.connection(key)
+        return cls(link, key, link.info["clusterid"], link.info)
+
+    async def aclose(self) -> None:
+        """Close the connection of a client made with `open` (and of its with_key views)."""
+        conn, self._link.conn = self._link.conn, None
+        if conn is not None:
+            await conn.aclose()
 
     def with_key(self, key: PrivateKey | str) -> Client:
         return Client(self._link, _key(key), self.cluster_id, self.server_info)
@@ -151,6 +193,17 @@ class Client:
 
     async def statistics(self) -> dict:
         return await self.call("getstatisticsmsg", {})
+
+    # Cluster membership (server owner). The leader then changes the Raft group to match;
+    # a removed node stops serving.
+    async def add_member(self, peerid: str, addr: str) -> dict:
+        """Add (or re-address) a member: `addr` is its full multiaddr ending in /p2p/peerid.
+        Returns {"members": {peer id: multiaddr}}, the member book after the change."""
+        return await self.call("addmembermsg", {"peerid": peerid, "addr": addr})
+
+    async def remove_member(self, peerid: str) -> dict:
+        """Remove a member; returns {"members": ...}, the member book after the change."""
+        return await self.call("removemembermsg", {"peerid": peerid})
 
     # Colonies.
     async def add_colony(self, colony_id: str, name: str) -> dict:
@@ -308,13 +361,86 @@ class Client:
     async def remove_all_processes(self, colonyname: str, state: int = -1) -> None:
         await self.call("removeallprocessesmsg", {"colonyname": colonyname, "state": state})
 
+    async def cancel_process(self, process_id: str) -> None:
+        """Cancel a waiting or running process (not a workflow member: cancel its graph)."""
+        await self.call("cancelprocessmsg", {"processid": process_id})
+
+    async def cancelled(self, colonyname: str, count: int = 100) -> list[dict]:
+        return await self.processes(colonyname, CANCELLED, count)
+
     async def wait(self, process_id: str, timeout: float, poll: float = 0.05) -> dict:
-        """Wait until the process is finished (SUCCESS or FAILED); bounded by `timeout`."""
+        """Wait until the process is finished (SUCCESS, FAILED or CANCELLED); bounded by
+        `timeout` (trio.TooSlowError)."""
         with trio.fail_after(timeout):
             while True:
                 p = await self.process(process_id)
-                if p["state"] in (SUCCESS, FAILED):
+                if p["state"] in FINISHED_STATES:
                     return p
+                await trio.sleep(poll)
+                poll = min(poll * 1.5, 0.5)
+
+    # Workflows (process graphs).
+    async def submit_workflow(self, colonyname: str, functionspecs: list[dict]) -> dict:
+        """Submit a DAG of function specs (each with a unique `nodename`, its dependencies in
+        `conditions.dependencies`); returns the process graph."""
+        return await self.submit_workflow_spec(
+            {"colonyname": colonyname, "functionspecs": list(functionspecs)}
+        )
+
+    async def submit_workflow_spec(self, spec: dict) -> dict:
+        """Submit a workflow spec as Colonies writes it: {colonyname, functionspecs}."""
+        return await self.call("submitworkflowspecmsg", {"spec": spec})
+
+    async def process_graph(self, graph_id: str) -> dict:
+        """The graph with its `nodes` and `edges`."""
+        return await self.call("getprocessgraphmsg", {"processgraphid": graph_id})
+
+    async def process_graphs(
+        self, colonyname: str, state: int = -1, count: int = 100
+    ) -> list[dict]:
+        body = {"colonyname": colonyname, "state": state, "count": count}
+        return await self.call("getprocessgraphsmsg", body)
+
+    async def remove_process_graph(self, graph_id: str) -> None:
+        await self.call("removeprocessgraphmsg", {"processgraphid": graph_id})
+
+    async def remove_all_process_graphs(self, colonyname: str, state: int = -1) -> None:
+        await self.call("removeallprocessgraphsmsg", {"colonyname": colonyname, "state": state})
+
+    async def cancel_process_graph(self, graph_id: str) -> None:
+        await self.call("cancelprocessgraphmsg", {"processgraphid": graph_id})
+
+    async def add_child(
+        self,
+        graph_id: str,
+        parent_process_id: str,
+        spec: dict,
+        *,
+        insert: bool = False,
+        child_process_id: str = "",
+    ) -> dict:
+        """Add a process to a running graph as a child of `parent_process_id`, which must be
+        running and assigned to this client's key. insert=True splices it between the parent
+        and all the parent's children; `child_process_id` (an existing, not yet started
+        process of the graph) makes that process wait for the new one. Returns the new
+        process."""
+        body = {
+            "processgraphid": graph_id,
+            "parentprocessid": parent_process_id,
+            "childprocessid": child_process_id,
+            "spec": spec,
+            "insert": insert,
+        }
+        return await self.call("addchildmsg", body)
+
+    async def wait_process_graph(self, graph_id: str, timeout: float, poll: float = 0.05) -> dict:
+        """Wait until the graph is finished (SUCCESS, FAILED or CANCELLED); bounded by
+        `timeout` (trio.TooSlowError)."""
+        with trio.fail_after(timeout):
+            while True:
+                g = await self.process_graph(graph_id)
+                if g["state"] in FINISHED_STATES:
+                    return g
                 await trio.sleep(poll)
                 poll = min(poll * 1.5, 0.5)
 
@@ -325,13 +451,6 @@ class Client:
 
     async def attribute(self, attribute_id: str) -> dict:
         return await self.call("getattributemsg", {"attributeid": attribute_id})
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
 
 
 def _now_ms() -> int:

@@ -19,7 +19,7 @@ from libp2p.custom_types import TProtocol
 
 from node.p2p import connect, make_host, quiet_libp2p_logs
 from node.rpc_server import READ_SIZE, RPC_PROTOCOL_ID
-from protocol.errors import RequestTimeout, Unavailable, error_from_wire
+from protocol.errors import ColoniesError, RequestTimeout, Unavailable, error_from_wire
 from protocol.framing import (
     TARGET_ENVELOPES_PER_FRAME,
     TARGET_FRAME_BYTES,
@@ -66,7 +66,15 @@ class Connection:
     @classmethod
     async def open(cls, nursery: trio.Nursery, addr: str, timeout: float = 10.0) -> Connection:
         conn = cls(addr)
-        await nursery.start(conn._run, timeout)
+        try:
+            await nursery.start(conn._run, timeout)
+        except BaseExceptionGroup as group:
+            # The libp2p host runs a nursery of its own, so a failed dial arrives wrapped;
+            # callers (failover across members) act on the error itself.
+            errors = [e for e in leaves(group) if isinstance(e, ColoniesError)]
+            if errors:
+                raise errors[0] from None
+            raise
         return conn
 
     async def _run(self, timeout: float, task_status: trio.TaskStatus[None]) -> None:
@@ -165,3 +173,10 @@ class Connection:
     async def aclose(self) -> None:
         self._cancel.cancel()
         await self.closed.wait()
+
+
+def leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

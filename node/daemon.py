@@ -49,6 +49,7 @@ VERSION = "0.1.0"
 DRAIN_TIMEOUT_S = 3.0
 JOIN_TIMEOUT_S = 60.0
 LEADER_WAIT_LOG_S = 10.0
+ASK_MEMBER_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -90,6 +91,16 @@ async def fetch_server_info(addrs: list[str]) -> dict[str, Any]:
     """Any key may read the server info; a throwaway one says nothing about us."""
     async with Client.connect(addrs, PrivateKey.generate()) as client:
         return await client.server_info_fresh()
+
+
+async def ask_member(addr: str) -> dict[str, Any] | None:
+    """A member's server info, or None if it does not answer within ASK_MEMBER_TIMEOUT_S."""
+    with trio.move_on_after(ASK_MEMBER_TIMEOUT_S):
+        try:
+            return await fetch_server_info([addr])
+        except ColoniesError as e:
+            log.debug("member %s did not answer: %s", addr, e)
+    return None
 
 
 def notify_systemd(state: str) -> None:
@@ -181,7 +192,8 @@ class ColonyNode:
             transport.attach(replicator.kick)
             self.transport = transport
             self.membership = membership = Membership(
-                self.config.data_dir, raft, transport, replicator, on_removed=self.stop
+                self.config.data_dir, raft, transport, replicator, on_removed=self.stop,
+                ask_member=ask_member,
             )
             if joining:
                 save_members(self.config.data_dir, others)

@@ -13,26 +13,98 @@ spec's args and kwargs, and closes the attempt with the return value as output (
 as is, None is no output, anything else becomes a one-item list), or fails it with the error
 text. Closing and assigning the next process is one call. Plain functions run in a worker
 thread so a slow function does not stall the connection; async functions are awaited.
+
+A function that declares a keyword-only parameter `ctx` gets a ProcessContext: the process
+it runs (`ctx.process`, `ctx.inputs` = its parents' outputs in a workflow) and
+`ctx.add_child(spec, insert=False)`, which extends the running workflow from this process:
+
+    @ex.function
+    def split(*args, ctx):
+        for part in args:
+            ctx.add_child({"funcname": "work", "args": [part]})
+
+In a plain function `ctx.add_child` blocks and returns the new process; in an async
+function it returns an awaitable (`await ctx.add_child(...)`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import trio
 
 from node.client import Client
-from protocol.errors import ColoniesError, NotFound, RequestTimeout, Unavailable
+from protocol.errors import BadRequest, ColoniesError, NotFound, RequestTimeout, Unavailable
 from protocol.identity import PrivateKey
 
 log = logging.getLogger("colonies.executor")
 
 RECONNECT_DELAY_S = 1.0
+
+
+def wants_context(fn: Callable[..., Any]) -> bool:
+    """True if `fn` declares a keyword-only parameter named `ctx`."""
+    try:
+        param = inspect.signature(fn).parameters.get("ctx")
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+class ProcessContext:
+    """What a function may know and do about the process it runs."""
+
+    def __init__(self, client: Client, process: dict) -> None:
+        self._client = client
+        self.process = process
+
+    @property
+    def processid(self) -> str:
+        return self.process["processid"]
+
+    @property
+    def processgraphid(self) -> str:
+        return self.process.get("processgraphid", "")
+
+    @property
+    def inputs(self) -> list:
+        """In a workflow: the outputs of this process's parents, in dependency order."""
+        return self.process.get("in", [])
+
+    def add_child(
+        self, spec: dict, *, insert: bool = False, child_process_id: str = ""
+    ) -> dict | Coroutine[Any, Any, dict]:
+        """Add a process to this process's workflow, as its child. `spec` is a function
+        spec; its executor type defaults to this process's. insert=True puts the new process
+        between this process and all its current children. Blocks in a plain function;
+        returns an awaitable in an async one."""
+        if not self.processgraphid:
+            raise BadRequest(
+                f"process {self.processid} is not part of a workflow: it cannot add children"
+            )
+        spec = dict(spec)
+        conditions = dict(spec.get("conditions") or {})
+        conditions.setdefault("executortype", self.process["spec"]["conditions"]["executortype"])
+        spec["conditions"] = conditions
+        call = functools.partial(
+            self._client.add_child,
+            self.processgraphid,
+            self.processid,
+            spec,
+            insert=insert,
+            child_process_id=child_process_id,
+        )
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # a worker thread (a plain function): block on the trio loop
+            return trio.from_thread.run(call)
+        return call()
 
 
 def as_output(value: Any) -> list:
@@ -61,6 +133,7 @@ class Executor:
         self.poll_timeout = poll_timeout
         self.concurrency = concurrency
         self.functions: dict[str, Callable[..., Any]] = {}
+        self._wants_ctx: dict[Callable[..., Any], bool] = {}  # signature checks, cached
         self.processed = 0
         self._stop = trio.Event()
         self._started = trio.Event()
@@ -129,7 +202,7 @@ class Executor:
                     process = await client.assign(self.colonyname, timeout=self.poll_timeout)
                 except NotFound:
                     continue
-            ok, out, errors = await self._execute(process)
+            ok, out, errors = await self._execute(process, client)
             if self._stop.is_set():
                 await self._close(client, process, ok, out, errors)
                 return
@@ -167,12 +240,19 @@ class Executor:
             )
         self.processed += 1
 
-    async def _execute(self, process: dict) -> tuple[bool, list, list[str]]:
+    async def _execute(
+        self, process: dict, client: Client | None = None
+    ) -> tuple[bool, list, list[str]]:
         spec, pid = process["spec"], process["processid"]
         fn = self.functions.get(spec["funcname"])
         if fn is None:
             return False, [], [f"executor has no function named {spec['funcname']!r}"]
         args, kwargs = spec.get("args", []), spec.get("kwargs", {})
+        wants = self._wants_ctx.get(fn)
+        if wants is None:
+            wants = self._wants_ctx[fn] = wants_context(fn)
+        if client is not None and wants:
+            kwargs = {**kwargs, "ctx": ProcessContext(client, process)}
         try:
             if inspect.iscoroutinefunction(fn):
                 result = await fn(*args, **kwargs)

@@ -12,7 +12,13 @@ and back into what a node does:
   ``cluster.json`` (a restarted node must know its partners before it applies a single entry,
   or it would elect itself alone), and switches to group timings once it has partners;
 * a node the book no longer lists stops serving (``on_removed``) once the group has let it go,
-  and marks its data dir so that a restart refuses to serve a cluster it left.
+  and marks its data dir so that a restart refuses to serve a cluster it left;
+* a follower can be dropped from the group before it learns that its removal committed (the
+  leader applies the book entry, removes the node from Raft and closes its session before the
+  next heartbeat would carry the commit index), so it never applies that entry and would stand
+  for election forever. A node in the book that has not heard a leader for a while asks
+  the other members (``ask_member``): a member that has a leader and a book without us is
+  proof that we were removed.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,8 @@ CHANGE_RETRY_S = 1.0
 # A removed node may never hear the entry that drops it (the leader stops talking to it
 # first); it leaves once it has heard from no leader for this long.
 REMOVED_GRACE_S = 3.0
+# A node in the book that heard no leader for REMOVED_GRACE_S asks the others this often.
+ASK_MEMBERS_EVERY_S = 2.0
 
 
 class NodeRemoved(BadRequest):
@@ -93,6 +101,7 @@ class Membership:
         transport: StreamRaftTransport,
         replicator: Replicator,
         on_removed: Callable[[], None],
+        ask_member: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None,
     ) -> None:
         self._dir = data_dir
         self._colony = colony
@@ -104,6 +113,10 @@ class Membership:
         self._changing: str | None = None  # "add <pid>" or "rem <pid>" while in flight
         self._next_change_at = 0.0
         self._left_book_at: float | None = None
+        # ask_member(addr): that member's server info, or None if it does not answer (bounded).
+        self._ask_member = ask_member
+        self._leaderless_since: float | None = None
+        self._next_ask_at = 0.0
         self.removed = False
 
     def on_transport_members(self, members: dict[str, str | None]) -> None:
@@ -123,6 +136,11 @@ class Membership:
                 self.check()
             except Exception:
                 log.exception("membership check failed (retrying)")
+            if not self.removed:
+                try:
+                    await self.ask_if_cut_off()
+                except Exception:
+                    log.exception("asking the members about this node failed (retrying)")
             await self._replicator.wait_applied(seen, trio.current_time() + CHECK_EVERY_S)
 
     def check(self) -> None:
@@ -196,6 +214,53 @@ class Membership:
             let_go = now - self._left_book_at > REMOVED_GRACE_S or len(colony.member_ids) > 2
         if not let_go:
             return
+        self._leave()
+
+    async def ask_if_cut_off(self) -> None:
+        """In our own book but no leader heard for REMOVED_GRACE_S: ask the other members
+        whether the cluster removed us (see the module doc)."""
+        if self._ask_member is None:
+            return
+        colony = self._colony
+        now = time.monotonic()
+        machine = self._replicator.machine
+        if colony.is_leader or self._self not in machine.members or self._hears_leader():
+            self._leaderless_since = None
+            return
+        if self._leaderless_since is None:
+            self._leaderless_since = now
+        # A known leader unheard for REMOVED_GRACE_S already waited; an election in progress
+        # (no leader) gets as long to finish before we bother the others.
+        waited = colony.leader_id is not None or now - self._leaderless_since >= REMOVED_GRACE_S
+        if not waited or now < self._next_ask_at:
+            return
+        self._next_ask_at = now + ASK_MEMBERS_EVERY_S
+        for pid, addr in sorted(self._transport.members.items()):
+            if addr is None:
+                continue
+            info = await self._ask_member(addr)
+            if not info or info.get("clusterid") != machine.cluster_id:
+                continue
+            book, raft = info.get("members") or {}, info.get("raft") or {}
+            # Its replica must be at least as recent as ours (which has us in the book), so
+            # a member still catching up from before we joined proves nothing.
+            recent = raft.get("last_applied", -1) >= colony.last_applied
+            if raft.get("leader") and recent and book and self._self not in book:
+                log.warning("member %s, which has a leader, no longer lists this node", pid)
+                self._leave()
+                return
+
+    def _hears_leader(self) -> bool:
+        """A leader is known and has sent us something lately. (PySyncObj keeps the last
+        leader's id, and stands for no election, while it is connected to no one, which is
+        the state a dropped follower is left in.)"""
+        leader = self._colony.leader_id
+        if leader is None:
+            return False
+        heard = self._transport.last_heard().get(leader)
+        return heard is not None and heard < REMOVED_GRACE_S
+
+    def _leave(self) -> None:
         self.removed = True
         try:
             (self._dir / REMOVED_FILE).write_text(

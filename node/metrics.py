@@ -38,6 +38,12 @@ class _StateCollector(Collector):
             ("colonies_server_processes_running", "runningprocesses"),
             ("colonies_server_processes_successful", "successfulprocesses"),
             ("colonies_server_processes_failed", "failedprocesses"),
+            ("colonies_server_processes_cancelled", "cancelledprocesses"),
+            ("colonies_server_workflows_waiting", "waitingworkflows"),
+            ("colonies_server_workflows_running", "runningworkflows"),
+            ("colonies_server_workflows_successful", "successfulworkflows"),
+            ("colonies_server_workflows_failed", "failedworkflows"),
+            ("colonies_server_workflows_cancelled", "cancelledworkflows"),
         ):
             yield GaugeMetricFamily(name, f"Number of {key} in the replicated state", value=s[key])
         r = self.raft()

@@ -24,9 +24,16 @@ from protocol.schema import (
     peer_id,
 )
 
-# Process states, as numbered in Colonies.
-WAITING, RUNNING, SUCCESS, FAILED = 0, 1, 2, 3
-STATE_NAMES = {WAITING: "waiting", RUNNING: "running", SUCCESS: "successful", FAILED: "failed"}
+# Process (and process graph) states, as numbered in Colonies HEAD.
+WAITING, RUNNING, SUCCESS, FAILED, CANCELLED = 0, 1, 2, 3, 4
+STATE_NAMES = {
+    WAITING: "waiting",
+    RUNNING: "running",
+    SUCCESS: "successful",
+    FAILED: "failed",
+    CANCELLED: "cancelled",
+}
+FINISHED_STATES = (SUCCESS, FAILED, CANCELLED)
 
 # Executor states.
 PENDING, APPROVED, REJECTED = 0, 1, 2
@@ -38,6 +45,11 @@ IN, OUT, ERR, ENV = 0, 1, 2, 3
 MAX_PRIORITY = 50_000
 MAX_LIST_COUNT = 100
 MAX_ASSIGN_TIMEOUT_S = 600
+# A submitted workflow holds at most this many function specs; a graph grows (addchildmsg)
+# to at most MAX_GRAPH_PROCESSES. Failing or cancelling a graph touches every member once, so
+# the bound keeps one log entry cheap to apply.
+MAX_WORKFLOW_SPECS = 1_000
+MAX_GRAPH_PROCESSES = 10_000
 
 COLONY = Schema({"colonyid": F("str", True, check=hex64), "name": F("str", True, check=name)})
 
@@ -75,6 +87,23 @@ FUNCTION_SPEC = Schema(
     }
 )
 
+# In a workflow the workflow's colony is the colony of every spec, so a spec may leave
+# conditions.colonyname out (as in Colonies workflow JSON); the machine fills it in.
+WORKFLOW_CONDITIONS = Schema(
+    {**CONDITIONS.fields, "colonyname": F("str", default="", check=name_or_empty)}
+)
+WORKFLOW_FUNCTION_SPEC = Schema(
+    {**FUNCTION_SPEC.fields, "conditions": F("obj", True, schema=WORKFLOW_CONDITIONS)}
+)
+WORKFLOW_SPEC = Schema(
+    {
+        "colonyname": F("str", True, check=name),
+        # The rules (at least one spec, at most MAX_WORKFLOW_SPECS, unique nodenames, known
+        # dependencies, no cycles) are checked by the machine, with messages about the graph.
+        "functionspecs": F("objlist", True, schema=WORKFLOW_FUNCTION_SPEC),
+    }
+)
+
 ATTRIBUTE = Schema(
     {
         "targetid": F("str", True, check=hex64),
@@ -94,7 +123,8 @@ _ASSIGN = {
     "timeout": F("int", True, check=lambda v: "must not be 0" if v == 0 else (
         f"must be at most {MAX_ASSIGN_TIMEOUT_S}" if v > MAX_ASSIGN_TIMEOUT_S else None)),
 }
-_STATE_FILTER = F("int", default=-1, check=between(-1, FAILED))
+_STATE_FILTER = F("int", default=-1, check=between(-1, CANCELLED))
+_GRAPH_REF = {"processgraphid": F("str", True, check=hex64)}
 
 
 @dataclass(frozen=True)
@@ -165,6 +195,36 @@ MESSAGES: dict[str, MessageType] = {
         ),
         _m("removeprocessmsg", True, _PROCESS_REF),
         _m("removeallprocessesmsg", True, {**_COLONY_NAME, "state": _STATE_FILTER}),
+        _m("cancelprocessmsg", True, _PROCESS_REF),
+        # Workflows (process graphs).
+        _m("submitworkflowspecmsg", True, {"spec": F("obj", True, schema=WORKFLOW_SPEC)}),
+        _m("getprocessgraphmsg", False, _GRAPH_REF),
+        _m(
+            "getprocessgraphsmsg",
+            False,
+            {
+                **_COLONY_NAME,
+                "count": F("int", default=MAX_LIST_COUNT, check=between(1, MAX_LIST_COUNT)),
+                "state": _STATE_FILTER,
+            },
+        ),
+        _m("removeprocessgraphmsg", True, _GRAPH_REF),
+        _m("removeallprocessgraphsmsg", True, {**_COLONY_NAME, "state": _STATE_FILTER}),
+        _m("cancelprocessgraphmsg", True, _GRAPH_REF),
+        _m(
+            "addchildmsg",
+            True,
+            {
+                **_GRAPH_REF,
+                "parentprocessid": F("str", True, check=hex64),
+                # An existing, not yet started process of the graph that becomes the new
+                # process's child ("" = none). Not with insert.
+                "childprocessid": F("str", default="", check=hex64_or_empty),
+                "spec": F("obj", True, schema=WORKFLOW_FUNCTION_SPEC),
+                # True: splice the new process between the parent and all its children.
+                "insert": F("bool", default=False),
+            },
+        ),
         # Cluster membership (server owner).
         _m(
             "addmembermsg",

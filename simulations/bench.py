@@ -1,44 +1,63 @@
-"""Benchmarks of one colonyd on 127.0.0.1, driven through the real SDK (node/client.py).
+"""Benchmarks of colonyd on 127.0.0.1, one node and a 3-node Raft cluster, driven through the
+real SDK (node/client.py).
 
     make bench                                   # = .venv/bin/python simulations/bench.py
     .venv/bin/python simulations/bench.py --only roundtrip --rounds 1000
     .venv/bin/python simulations/bench.py --only lifecycle --executors 8 --probe
+    .venv/bin/python simulations/bench.py --only lifecycle --nodes 3 --executors 8 --probe
+    .venv/bin/python simulations/bench.py --only failover --kills 10
     .venv/bin/python simulations/bench.py --only lifecycle --executors 8 --py-spy /tmp/prof
     .venv/bin/python simulations/stacks.py /tmp/prof/lifecycle-E8-node.txt
 
 Prints one JSON object per line on stdout (progress and warnings on stderr), in this order:
+for each cluster size in --nodes (default 1,3) its lifecycle lines and its roundtrip line (the
+floor lines right after the first size), then a failover line per size >= 3. Every line of a
+run against nodes says `nodes`.
 
 - machine:   CPU count and model, Python, platform, load average, git commit.
 - lifecycle: N processes submitted by S submitters and run by E executors, one line per E in
              --executors. Every executor is a registered, approved executor with its own key,
              and so is every submitter (of another executor type, so it is never assigned
-             work). All of them share one connection (Client.with_key), as an SDK user with
-             several identities in one process would; --executor-procs K moves the executors
-             to K child processes (one connection each). proc_per_s is end to end, from the
-             first submit to the moment the N-th process is known closed SUCCESS (see
-             end_detection), then checked against the node's colony statistics. `method` says
-             how the executors run and how assign_ms / close_ms are timed (METHODS below).
-- roundtrip: one process at a time, submit -> assign -> close, on an otherwise idle node.
-- floor:     the same request count and concurrency shape as a lifecycle run, over a plain
-             trio TCP socket with the same framing and client code, to an echo-like server in
-             another process (no signatures checked, no consensus). See simulations/floor.py.
-             ratio = lifecycle_req_per_s / floor_req_per_s; overhead_ratio = its inverse.
+             work). They share one connection per node (Client.with_key), as an SDK user with
+             several identities in one process would; on a cluster executor i uses node
+             i mod n and submitter j node (j+1) mod n, so every node serves clients and
+             forwards their writes (`placement`, `node_roles`, `node_cpu_s_each`).
+             --executor-procs K moves the executors to K child processes (one connection
+             each, worker k on node k mod n). proc_per_s is end to end, from the first submit
+             to the moment the N-th process is known closed SUCCESS (see end_detection), then
+             checked against the colony statistics. `method` says how the executors run and how
+             assign_ms / close_ms are timed (METHODS below).
+- roundtrip: one process at a time, submit -> assign -> close, on an otherwise idle node or
+             cluster; on a cluster the submitter and the executor use the two followers
+             (`submitter_node`, `executor_node`): every write is forwarded, and the executor's
+             node must apply the submit before its long-poll sees it.
+- floor:     the same request count and concurrency shape as a one-node lifecycle run, over a
+             plain trio TCP socket with the same framing and client code, to an echo-like
+             server in another process (no signatures checked, no consensus). See
+             simulations/floor.py. ratio = lifecycle_req_per_s / floor_req_per_s;
+             overhead_ratio = its inverse.
+- failover:  --kills times: SIGKILL the leader while a writer on the surviving nodes submits
+             one process after another; seconds from the kill to the first acknowledged write
+             sent after it (seconds_p50, seconds_max, and each in `seconds`). The killed node
+             is restarted on its address and caught up before the next kill; at the end every
+             acknowledged write is looked up on every node (lost_acked_writes).
 
-Each run gets a fresh colonyd in its own OS process (started with `python -m cli.daemon`,
-stopped with SIGTERM and a bounded wait, SIGKILL if it hangs), so the node and the clients use
-the two cores as they would in reality. CPU is measured per process (node_cpu_us_per_req,
-client_cpu_us_per_req), which is steadier than wall-clock rates; other_cpu_util says how many
-cores other programs took during the run (a run with other_cpu_util above ~0.2 is skewed).
+Each run gets fresh colonyd processes (started with `python -m cli.daemon`, stopped with
+SIGTERM and a bounded wait, SIGKILL if one hangs), so the nodes and the clients share the
+cores as they would on one machine. CPU is measured per process (node_cpu_us_per_req,
+client_cpu_us_per_req; on a cluster the sum over its nodes), which is steadier than wall-clock
+rates; other_cpu_util says how many cores other programs took during the run (a run with
+other_cpu_util above ~0.2 is skewed).
 
 Every run is bounded by --timeout; a failed or timed-out run prints
 {"bench": ..., "error": ...} and the script exits 1. Environment variables are passed on to the
 node, so e.g. `PY_YAMUX_RELEASE_ON_READ=0 make bench` measures a libp2p setting on both sides.
 
-Diagnostics: --probe runs the node with batching counters (simulations/node_probe.py:
+Diagnostics: --probe runs the node(s) with batching counters (simulations/node_probe.py:
 requests per frame, commands per Raft entry, refused commands, snapshot pauses) and adds them
-as `node_batching`; --py-spy DIR records the node and the client(s) during lifecycle runs
-(collapsed stacks; summarize with simulations/stacks.py); --cprofile-node DIR writes a
-cProfile of each lifecycle node.
+as `node_batching` (per node on a cluster); --py-spy DIR records the node(s) and the client(s)
+during lifecycle runs (collapsed stacks; summarize with simulations/stacks.py);
+--cprofile-node DIR writes a cProfile of each lifecycle node.
 """
 
 from __future__ import annotations
@@ -50,6 +69,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +83,14 @@ from benchkit import (
     PYTHON,
     BenchError,
     ChildProcess,
+    ClusterProcess,
     NodeProcess,
     OtherLoad,
     PySpy,
     emit,
     machine_line,
     ms_stats,
+    percentile,
     progress,
     wait_ready_file,
 )
@@ -88,6 +111,8 @@ WORKER_START_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.02  # end-of-run polling (helper method, --executor-procs)
 FLOOR_MIN_SECONDS = 1.0
 FLOOR_MAX_REPEATS = 20
+FAILOVER_CALL_TIMEOUT_S = 2.0  # the failover writer's call timeout (then it retries)
+FAILOVER_GIVE_UP_S = 30.0
 
 METHODS = {
     "split": (
@@ -164,13 +189,13 @@ class TimedClient(Client):
 
     @classmethod
     def wrap(cls, base: Client, rec: Recorder) -> TimedClient:
-        c = cls(base.conn, base.key, base.cluster_id, base.server_info)
+        c = cls(base._link, base.key, base.cluster_id, base.server_info)
         c.rec = rec
         return c
 
     def with_key(self, key: PrivateKey | str) -> TimedClient:
         key = key if isinstance(key, PrivateKey) else PrivateKey.from_hex(key)
-        c = TimedClient(self.conn, key, self.cluster_id, self.server_info)
+        c = TimedClient(self._link, key, self.cluster_id, self.server_info)
         c.rec = self.rec
         return c
 
@@ -252,11 +277,13 @@ async def split_executor(client: Client, rec: Recorder, max_calls: int) -> None:
 
 
 async def run_executors(
-    client: Client, keys: list[PrivateKey], rec: Recorder, method: str, max_calls: int
+    clients: list[Client], keys: list[PrivateKey], rec: Recorder, method: str, max_calls: int
 ) -> None:
-    """Serve until cancelled. Every executor shares `client`'s connection (with_key)."""
+    """Serve until cancelled. Executor i uses connection i % len(clients) (with_key), so on a
+    cluster the executors spread over the nodes."""
     async with trio.open_nursery() as n:
-        for k in keys:
+        for i, k in enumerate(keys):
+            client = clients[i % len(clients)]
             if method == "split":
                 n.start_soon(split_executor, client.with_key(k), rec, max_calls)
             else:
@@ -355,18 +382,47 @@ class WorkerProcess:
         return json.loads(self.result.read_text())
 
 
-async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any]:
+def start_nodes(
+    n_nodes: int, server: PrivateKey, probe: bool = False, cprofile_dir: Path | None = None,
+    tag: str = "",
+) -> NodeProcess | ClusterProcess:
+    """One colonyd (n_nodes 1) or a cluster of them; cProfiles go to cprofile_dir/<tag>-*."""
+    if cprofile_dir is not None:
+        cprofile_dir.mkdir(parents=True, exist_ok=True)
+    if n_nodes == 1:
+        cprofile = cprofile_dir / f"{tag}-node.pstats" if cprofile_dir else None
+        return NodeProcess(server.hex, probe=probe, cprofile=cprofile)
+    return ClusterProcess(server.hex, n_nodes, probe=probe, cprofile_dir=cprofile_dir,
+                          cprofile_prefix=f"{tag}-")
+
+
+@asynccontextmanager
+async def connect_all(addrs: list[str], key: PrivateKey) -> AsyncIterator[list[Client]]:
+    """One connection per node (clients spread over the nodes as in a real deployment)."""
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(Client.connect(a, key)) for a in addrs]
+
+
+async def roles(nodes: NodeProcess | ClusterProcess) -> list[str]:
+    """"leader"/"follower" per node address (a single node is its own leader)."""
+    if isinstance(nodes, NodeProcess):
+        return ["leader"]
+    leader = await nodes.leader()
+    return ["leader" if m is leader else "follower" for m in nodes.members]
+
+
+async def lifecycle(args: argparse.Namespace, n_executors: int, n_nodes: int) -> dict[str, Any]:
     n, n_sub = args.processes, args.submitters
     server = PrivateKey.generate()
-    cprofile = (args.cprofile_node / f"lifecycle-E{n_executors}-node.pstats"
-                if args.cprofile_node else None)
-    if cprofile is not None:
-        cprofile.parent.mkdir(parents=True, exist_ok=True)
-    async with NodeProcess(server.hex, probe=args.probe, cprofile=cprofile) as node:
-        progress(f"lifecycle E={n_executors}: node up at {node.addr}")
-        async with Client.connect(node.addr, server) as admin:
+    tag = f"lifecycle-E{n_executors}" + (f"-N{n_nodes}" if n_nodes > 1 else "")
+    label = f"lifecycle E={n_executors} nodes={n_nodes}"
+    async with start_nodes(n_nodes, server, args.probe, args.cprofile_node, tag) as node:
+        progress(f"{label}: up at {', '.join(node.addrs)}")
+        node_roles = await roles(node)
+        async with connect_all(node.addrs, server) as clients:
+            admin = clients[0]
             setup = await setup_colony(admin, n_sub, n_executors)
-            frames = FrameCounter(admin)
+            counters = [FrameCounter(c) for c in clients]
             owner = admin.with_key(setup.owner)
             # How the end is detected. split: the executors' own count of acknowledged
             # closes (exact; each process's close is acknowledged as soon as it commits).
@@ -390,14 +446,15 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
                     async with trio.open_nursery() as nursery:
                         if args.executor_procs == 0:
                             nursery.start_soon(
-                                run_executors, admin, setup.executors, rec, args.method, max_calls
+                                run_executors, clients, setup.executors, rec, args.method,
+                                max_calls,
                             )
                         else:
                             groups = [setup.executors[i :: args.executor_procs]
                                       for i in range(args.executor_procs)]
                             for i, group in enumerate(g for g in groups if g):
                                 workers.append(WorkerProcess(i, Path(tmp), {
-                                    "addr": node.addr,
+                                    "addr": node.addrs[i % n_nodes],
                                     "keys": [k.hex for k in group],
                                     "method": args.method,
                                     "max_calls": max_calls,
@@ -407,29 +464,34 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
                         # Let every executor reach its first long-poll before the clock starts.
                         await trio.sleep(0.3)
                         if args.py_spy:
-                            spies = start_profilers(args.py_spy, n_executors, node.pid, workers)
+                            spies = start_profilers(args.py_spy, tag, node.pids, workers)
                         probe0 = await node.probe_stats() if node.probe else None
                         node_cpu0, cpu0 = node.cpu_seconds(), time.process_time()
+                        each0 = node.cpu_each() if isinstance(node, ClusterProcess) else []
                         load = OtherLoad(
-                            [node.pid, os.getpid()] + [w.child.pid for w in workers]
+                            [*node.pids, os.getpid()] + [w.child.pid for w in workers]
                         )
-                        frames0 = frames.writes
+                        frames0 = sum(f.writes for f in counters)
                         t0 = time.monotonic()
                         async with trio.open_nursery() as subs_nursery:
                             first = 0
-                            for k, count in zip(setup.submitters, per_sub, strict=True):
-                                subs_nursery.start_soon(
-                                    submitter, admin.with_key(k), first, count, subs
-                                )
+                            for j, (k, count) in enumerate(
+                                zip(setup.submitters, per_sub, strict=True)
+                            ):
+                                # Submitter j on node j+1: with one executor, the
+                                # submitters are not all on the executor's node.
+                                sub_client = clients[(j + 1) % len(clients)].with_key(k)
+                                subs_nursery.start_soon(submitter, sub_client, first, count, subs)
                                 first += count
                         t_submitted = time.monotonic()
-                        progress(f"lifecycle E={n_executors}: {n} submitted in "
-                                 f"{t_submitted - t0:.2f} s")
+                        progress(f"{label}: {n} submitted in {t_submitted - t0:.2f} s")
                         if by_poll or workers:
                             t_polled = await wait_all_closed(owner, n)
                         else:
                             await rec.done.wait()
                         node_cpu = node.cpu_seconds() - node_cpu0
+                        each = ([round(b - a, 2) for a, b in zip(each0, node.cpu_each(), strict=True)]
+                                if each0 else [])
                         cpu = time.process_time() - cpu0
                         other_util = load.util()
                         probe1 = await node.probe_stats() if node.probe else None
@@ -443,7 +505,8 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
                         spy.stop()
                     for w in workers:
                         w.child.stop()
-            client_frames = frames.writes - frames0 if frames.writes >= 0 else None
+            frame_writes = [f.writes for f in counters]
+            client_frames = (sum(frame_writes) - frames0) if min(frame_writes) >= 0 else None
             for r in results:
                 rec.assign_spans += [tuple(x) for x in r["assign_spans"]]
                 rec.close += r["close"]
@@ -454,6 +517,9 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
                 rec.last_close = max(rec.last_close, r["last_close"])
                 cpu += r["cpu_s"]  # client CPU of all client processes (whole worker life)
             t_end = t_polled if by_poll else rec.last_close
+            # The owner's node may be a follower a few ms behind the closes it acknowledged.
+            with trio.move_on_after(10):
+                await wait_all_closed(owner, n)
             stats = await owner.colony_stats(COLONY)
             if stats["successfulprocesses"] != n:
                 raise BenchError(f"expected {n} successful processes, the node counts {stats}")
@@ -461,7 +527,7 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
     requests = len(subs.submit) + rec.assign_calls + len(rec.close)
     line: dict[str, Any] = {
         "bench": "lifecycle",
-        "nodes": 1,
+        "nodes": n_nodes,
         "executors": n_executors,
         "submitters": n_sub,
         "processes": n,
@@ -492,8 +558,20 @@ async def lifecycle(args: argparse.Namespace, n_executors: int) -> dict[str, Any
         "other_cpu_util": other_util,
         "errors": len(rec.errors) + len(subs.errors),
     }
+    if n_nodes > 1:
+        line["node_roles"] = node_roles
+        line["node_cpu_s_each"] = each
+        line["placement"] = (
+            f"executor i on node i mod {n_nodes}, submitter j on node (j+1) mod {n_nodes}, "
+            "one connection per node shared with with_key"
+            if not workers else f"executor worker k on node k mod {n_nodes}; "
+            f"submitter j on node (j+1) mod {n_nodes}"
+        )
     if probe0 is not None and probe1 is not None:
-        line["node_batching"] = batching(probe0, probe1)
+        if n_nodes == 1:
+            line["node_batching"] = batching(probe0, probe1)
+        else:
+            line["node_batching"] = {m: batching(probe0[m], probe1[m]) for m in probe1}
     first_errors = [e for e in rec.errors + subs.errors if e][:3]
     if first_errors:
         line["first_errors"] = first_errors
@@ -536,16 +614,17 @@ def batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_profilers(
-    out_dir: Path, n_executors: int, node_pid: int, workers: list[WorkerProcess]
+    out_dir: Path, tag: str, node_pids: list[int], workers: list[WorkerProcess]
 ) -> list[PySpy]:
-    """py-spy on the node and on every client process, for the measured phase only."""
+    """py-spy on the node(s) and on every client process, for the measured phase only."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    targets = [("node", node_pid), ("client", os.getpid())]
+    if len(node_pids) == 1:
+        targets = [("node", node_pids[0])]
+    else:
+        targets = [(f"node-n{i + 1}", pid) for i, pid in enumerate(node_pids)]
+    targets += [("client", os.getpid())]
     targets += [(f"worker{w.index}", w.child.pid) for w in workers]
-    return [
-        PySpy(pid, out_dir / f"lifecycle-E{n_executors}-{name}.txt", out_dir)
-        for name, pid in targets
-    ]
+    return [PySpy(pid, out_dir / f"{tag}-{name}.txt", out_dir) for name, pid in targets]
 
 
 async def wait_all_closed(owner: Client, n: int) -> float:
@@ -566,7 +645,7 @@ async def worker_main(cfg_path: str) -> None:
     cpu0 = time.process_time()
     async with Client.connect(cfg["addr"], keys[0]) as client:
         async with trio.open_nursery() as n:
-            n.start_soon(run_executors, client, keys, rec, cfg["method"], cfg["max_calls"])
+            n.start_soon(run_executors, [client], keys, rec, cfg["method"], cfg["max_calls"])
             await trio.sleep(0.1)
             Path(cfg["ready_file"]).write_text("ready\n")
             while not stop_file.exists():
@@ -582,14 +661,20 @@ async def worker_main(cfg_path: str) -> None:
 # --- roundtrip -----------------------------------------------------------------------------------
 
 
-async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
+async def roundtrip(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
+    """On a cluster the submitter and the executor use two different followers (when there
+    are two), the longest path: both forward their writes, and the executor's node must apply
+    the submit before its long-poll sees the process."""
     server = PrivateKey.generate()
-    async with NodeProcess(server.hex) as node:
-        progress(f"roundtrip: node up at {node.addr}")
-        async with Client.connect(node.addr, server) as admin:
-            setup = await setup_colony(admin, 1, 1)
-            sub = admin.with_key(setup.submitters[0])
-            ex = admin.with_key(setup.executors[0])
+    async with start_nodes(n_nodes, server) as node:
+        progress(f"roundtrip nodes={n_nodes}: up at {', '.join(node.addrs)}")
+        node_roles = await roles(node)
+        followers = [i for i, r in enumerate(node_roles) if r == "follower"]
+        sub_i, ex_i = (followers[0], followers[1]) if len(followers) >= 2 else (0, 0)
+        async with connect_all(node.addrs, server) as clients:
+            setup = await setup_colony(clients[0], 1, 1)
+            sub = clients[sub_i].with_key(setup.submitters[0])
+            ex = clients[ex_i].with_key(setup.executors[0])
             total: list[float] = []
             steps: dict[str, list[float]] = {"submit": [], "assign": [], "close": []}
             warmup = min(20, args.rounds)
@@ -597,7 +682,7 @@ async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(warmup + args.rounds):
                 if i == warmup:
                     node_cpu0 = node.cpu_seconds()
-                    load = OtherLoad([node.pid, os.getpid()])
+                    load = OtherLoad([*node.pids, os.getpid()])
                 t0 = time.perf_counter()
                 p = await sub.submit_spec(bench_spec(i))
                 t1 = time.perf_counter()
@@ -618,9 +703,9 @@ async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
             if last["state"] != SUCCESS:
                 raise BenchError(f"the last process ended in state {last['state']}, not SUCCESS")
     stats = ms_stats(total, "")
-    return {
+    line: dict[str, Any] = {
         "bench": "roundtrip",
-        "nodes": 1,
+        "nodes": n_nodes,
         "ms_p50": stats["ms_p50"],
         "ms_p99": stats["ms_p99"],
         "ms_max": stats["ms_max"],
@@ -631,6 +716,91 @@ async def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
         **ms_stats(steps["close"], "close_"),
         "node_cpu_us_per_round": round(node_cpu / args.rounds * 1e6, 1),
         "other_cpu_util": other_util,
+    }
+    if n_nodes > 1:
+        line["submitter_node"] = node_roles[sub_i]
+        line["executor_node"] = node_roles[ex_i]
+    return line
+
+
+# --- failover ------------------------------------------------------------------------------------
+
+
+async def failover(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
+    """kill -9 the leader `--kills` times. Each time a writer on the surviving nodes submits
+    one process after another (call timeout FAILOVER_CALL_TIMEOUT_S, retrying at once on
+    errors); seconds = from the SIGKILL to the first acknowledged write sent after it. The
+    killed node is then restarted and caught up, and all nodes agree on a leader, before the
+    next kill. At the end every acknowledged write is looked up on every node."""
+    server = PrivateKey.generate()
+    async with ClusterProcess(server.hex, n_nodes) as cluster:
+        progress(f"failover nodes={n_nodes}: up at {', '.join(cluster.addrs)}")
+        async with Client.connect(cluster.addrs, server) as admin:
+            setup = await setup_colony(admin, 1, 0)
+        writer_key = setup.submitters[0]
+        acked: list[str] = []
+        gaps: list[float] = []
+        errors: list[str] = []
+        leaders: list[str] = []
+        for k in range(args.kills):
+            leader = await cluster.leader()
+            survivors = [m for m in cluster.members if m is not leader]
+            async with Client.connect([m.addr for m in survivors], writer_key) as w:
+                w.timeout = FAILOVER_CALL_TIMEOUT_S
+                acked.append((await w.submit_spec(bench_spec(k)))["processid"])  # warm
+                t_kill = time.monotonic()
+                leader.kill()
+                with trio.move_on_after(FAILOVER_GIVE_UP_S):
+                    while True:
+                        try:
+                            p = await w.submit_spec(bench_spec(k))
+                        except ColoniesError as e:
+                            if len(errors) < 20:
+                                errors.append(f"{type(e).__name__}: {e}")
+                            await trio.sleep(0.005)
+                            continue
+                        gaps.append(time.monotonic() - t_kill)
+                        acked.append(p["processid"])
+                        break
+                if len(gaps) <= k:
+                    raise BenchError(f"no write acknowledged within {FAILOVER_GIVE_UP_S:g} s "
+                                     f"of killing the leader {leader.name}: {errors[-3:]}")
+            new_leader = await cluster.leader()
+            leaders.append(f"{leader.name}->{new_leader.name}")
+            progress(f"failover {k + 1}/{args.kills}: killed leader {leader.name}, next write "
+                     f"acknowledged after {gaps[-1]:.3f} s (new leader {new_leader.name})")
+            leader.start()
+            await leader.wait_ready()
+            await cluster.wait_caught_up(leader)
+        await cluster.leader()
+        lost = 0
+        for m in cluster.members:
+            await cluster.wait_caught_up(m)
+            async with Client.connect(m.addr, writer_key) as c:
+                for pid in acked:
+                    try:
+                        await c.process(pid)
+                    except NotFound:
+                        lost += 1
+    s = sorted(gaps)
+    return {
+        "bench": "failover",
+        "nodes": n_nodes,
+        "kills": args.kills,
+        "seconds_p50": round(percentile(s, 50), 3),
+        "seconds_max": round(s[-1], 3),
+        "seconds": [round(g, 3) for g in gaps],
+        "leaders": leaders,
+        "acked_writes": len(acked),
+        "lost_acked_writes": lost,
+        "writer_errors": len(errors),
+        "first_errors": list(dict.fromkeys(e.split(":")[0] + ":" + e.split(":", 1)[1][:80]
+                                           for e in errors))[:3],
+        "method": ("SIGKILL the leader; a writer connected to the survivors submits one "
+                   f"process after another (call timeout {FAILOVER_CALL_TIMEOUT_S:g} s); "
+                   "seconds = kill to the first acknowledged write sent after it; the killed "
+                   "node restarts and catches up before the next kill"),
+        "raft_timeouts": "consensus/raft.py GROUP_TIMEOUTS",
     }
 
 
@@ -717,7 +887,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--submitters", type=int, default=4)
     p.add_argument("--executors", default="1,8", help="comma-separated: one lifecycle run each")
     p.add_argument("--rounds", type=int, default=300, help="roundtrip rounds (after 20 warm-up)")
-    p.add_argument("--only", choices=["lifecycle", "roundtrip", "floor"])
+    p.add_argument("--only", choices=["lifecycle", "roundtrip", "floor", "failover"])
+    p.add_argument("--nodes", default="1,3",
+                   help="comma-separated cluster sizes: lifecycle and roundtrip run on each; "
+                        "failover runs on each size >= 3; floor once")
+    p.add_argument("--kills", type=int, default=5, help="leader kills in the failover run")
     p.add_argument("--method", choices=sorted(METHODS), default="split",
                    help="how executors run and are timed (see the method_detail key)")
     p.add_argument("--executor-procs", type=int, default=0,
@@ -740,42 +914,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--executors takes a comma-separated list of integers")
     if not args.executors or min(args.executors) < 1:
         p.error("--executors needs at least one count, each >= 1")
+    try:
+        args.nodes = [int(x) for x in str(args.nodes).split(",") if x.strip()]
+    except ValueError:
+        p.error("--nodes takes a comma-separated list of integers")
+    if not args.nodes or min(args.nodes) < 1:
+        p.error("--nodes needs at least one size, each >= 1")
     if args.processes < 1 or args.submitters < 1 or args.rounds < 1 or args.executor_procs < 0:
         p.error("--processes, --submitters and --rounds must be >= 1, --executor-procs >= 0")
+    if args.kills < 1:
+        p.error("--kills must be >= 1")
     return args
 
 
 async def run_all(args: argparse.Namespace) -> int:
     emit(machine_line())
-    runs: list[tuple[str, int | None]] = []
-    if args.only in (None, "lifecycle"):
-        runs += [("lifecycle", e) for e in args.executors]
-    if args.only in (None, "roundtrip"):
-        runs.append(("roundtrip", None))
-    if args.only in (None, "floor"):
-        runs += [("floor", e) for e in args.executors]
+    # (bench, executors, nodes), in this order: per cluster size its lifecycles and roundtrip
+    # (the floor right after the smallest size, whose lifecycle shapes it copies), then the
+    # failover runs.
+    runs: list[tuple[str, int | None, int]] = []
+    for size in args.nodes:
+        if args.only in (None, "lifecycle"):
+            runs += [("lifecycle", e, size) for e in args.executors]
+        if args.only in (None, "roundtrip"):
+            runs.append(("roundtrip", None, size))
+        if args.only in (None, "floor") and size == args.nodes[0]:
+            runs += [("floor", e, 1) for e in args.executors]
+    if args.only in (None, "failover"):
+        runs += [("failover", None, size) for size in args.nodes if size >= 3]
+    if not runs:
+        progress(f"nothing to run: --only {args.only} with --nodes {args.nodes}")
+        return 1
     lifecycles: dict[int, dict] = {}
-    for name, e in runs:
-        label = name if e is None else f"{name} E={e}"
+    for name, e, size in runs:
+        label = (name if e is None else f"{name} E={e}") + f" nodes={size}"
         progress(f"{label}: starting")
         try:
             with trio.fail_after(args.timeout):
                 if name == "lifecycle":
                     assert e is not None
-                    line = await lifecycle(args, e)
-                    lifecycles[e] = line
+                    line = await lifecycle(args, e, size)
+                    lifecycles.setdefault(e, line)  # the floor mirrors the first size's shape
                 elif name == "roundtrip":
-                    line = await roundtrip(args)
+                    line = await roundtrip(args, size)
+                elif name == "failover":
+                    line = await failover(args, size)
                 else:
                     assert e is not None
                     line = await floor(args, e, lifecycles.get(e))
         except Exception as group:
             err = _leaf(group)
+            fail: dict[str, Any] = {"bench": name, "executors": e, "nodes": size}
             if isinstance(err, trio.TooSlowError):
-                emit({"bench": name, "executors": e,
-                      "error": f"timed out after {args.timeout:g} s (see --timeout)"})
+                emit({**fail, "error": f"timed out after {args.timeout:g} s (see --timeout)"})
                 return 1
-            emit({"bench": name, "executors": e, "error": f"{type(err).__name__}: {err}"})
+            emit({**fail, "error": f"{type(err).__name__}: {err}"})
             if not isinstance(err, BenchError | ColoniesError):
                 traceback.print_exc()  # a bug in the bench or the SDK: show where
             return 1

@@ -1,5 +1,7 @@
-"""Shared pieces of the benchmarks: output lines, percentiles, CPU accounting, and a colonyd
-started in its own OS process (so the node and the clients each get a core, as in reality).
+"""Shared pieces of the benchmarks: output lines, percentiles, CPU accounting, a colonyd
+started in its own OS process (so the node and the clients each get a core, as in reality),
+and a cluster of such processes on 127.0.0.1 (ClusterProcess) whose members can be killed
+and restarted on the same address.
 
 Output discipline: result lines are JSON objects on stdout, one per line; progress and
 diagnostics go to stderr.
@@ -11,6 +13,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -223,6 +226,36 @@ async def wait_ready_file(child: ChildProcess, path: Path, timeout: float) -> li
     raise BenchError(f"{child.name} not ready within {timeout:g} s:\n{child.tail()}")
 
 
+def colonyd_argv(stats_file: Path | None = None, cprofile: Path | None = None) -> list[str]:
+    """How to run colonyd: plain, or under simulations/node_probe.py (counters, cProfile)."""
+    if stats_file is None and cprofile is None:
+        return [PYTHON, "-m", "cli.daemon"]
+    argv = [PYTHON, str(Path(__file__).resolve().parent / "node_probe.py")]
+    if stats_file is not None:
+        argv += ["--stats-file", str(stats_file)]
+    if cprofile is not None:
+        argv += ["--cprofile", str(cprofile)]
+    return argv + ["--"]
+
+
+async def read_probe_stats(stats_file: Path) -> dict[str, Any]:
+    """A node_probe's counters now: it writes them when the trigger file appears."""
+    trigger = Path(str(stats_file) + ".dump")
+    trigger.write_text("")
+    with trio.move_on_after(5):
+        while trigger.exists():
+            await trio.sleep(0.01)
+        return json.loads(stats_file.read_text())
+    raise BenchError("the node probe did not write its counters")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a cluster member keeps it across restarts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class NodeProcess:
     """`colonyd` in its own OS process, on 127.0.0.1, with a fresh data dir.
 
@@ -264,13 +297,7 @@ class NodeProcess:
         env["COLONIES_SERVER_PRVKEY"] = self.server_prvkey
         if self.probe:
             self.stats_file = workdir / "probe.json"
-            argv = [PYTHON, str(Path(__file__).resolve().parent / "node_probe.py"),
-                    "--stats-file", str(self.stats_file)]
-            if self.cprofile is not None:
-                argv += ["--cprofile", str(self.cprofile)]
-            argv += ["--"]
-        else:
-            argv = [PYTHON, "-m", "cli.daemon"]
+        argv = colonyd_argv(self.stats_file, self.cprofile)
         argv += [
             "--data-dir", str(workdir / "data"),
             "--ready-file", str(ready),
@@ -292,16 +319,18 @@ class NodeProcess:
     async def __aexit__(self, *exc: object) -> None:
         self._cleanup()
 
+    @property
+    def addrs(self) -> list[str]:
+        return [self.addr]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.pid]
+
     async def probe_stats(self) -> dict[str, Any]:
         """The node_probe counters now (probe=True only)."""
         assert self.stats_file is not None
-        trigger = Path(str(self.stats_file) + ".dump")
-        trigger.write_text("")
-        with trio.move_on_after(5):
-            while trigger.exists():
-                await trio.sleep(0.01)
-            return json.loads(self.stats_file.read_text())
-        raise BenchError("the node probe did not write its counters")
+        return await read_probe_stats(self.stats_file)
 
     def _cleanup(self) -> None:
         if self.child is not None:
@@ -311,6 +340,217 @@ class NodeProcess:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+CLUSTER_INFO_TIMEOUT_S = 2.0
+
+
+class ClusterMember:
+    """One colonyd of a ClusterProcess. Its port and data dir are fixed, so a restart keeps its
+    address and peer id; each start gets its own ChildProcess (and stderr file)."""
+
+    def __init__(
+        self, name: str, workdir: Path, env: dict[str, str], log_level: str,
+        probe: bool, cprofile: Path | None,
+    ) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.env = env
+        self.log_level = log_level
+        self.listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
+        self.data_dir = workdir / f"{name}-data"
+        self.ready = workdir / f"{name}.ready"
+        self.stats_file = workdir / f"{name}-probe.json" if probe or cprofile else None
+        self.cprofile = cprofile
+        self.child: ChildProcess | None = None
+        self.addr = ""
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.child is not None
+        return self.child.pid
+
+    @property
+    def peer_id(self) -> str:
+        return self.addr.rsplit("/p2p/", 1)[-1]
+
+    @property
+    def running(self) -> bool:
+        return self.child is not None and self.child.proc.poll() is None
+
+    def cpu_seconds(self) -> float:
+        return self.child.cpu_seconds() if self.running and self.child else 0.0
+
+    def start(self, join: str | None = None) -> None:
+        self.starts += 1
+        self.ready.unlink(missing_ok=True)
+        argv = colonyd_argv(self.stats_file, self.cprofile) + [
+            "--data-dir", str(self.data_dir),
+            "--ready-file", str(self.ready),
+            "--listen", self.listen,
+            "--log-level", self.log_level,
+        ]
+        if join:
+            argv += ["--join", join]
+        suffix = "" if self.starts == 1 else f"-start{self.starts}"
+        self.child = ChildProcess(f"colonyd-{self.name}{suffix}", argv, self.workdir, self.env)
+
+    async def wait_ready(self, timeout: float = NODE_START_TIMEOUT_S) -> None:
+        assert self.child is not None
+        addrs = await wait_ready_file(self.child, self.ready, timeout)
+        if not addrs:
+            raise BenchError(f"{self.name} wrote an empty ready file")
+        self.addr = addrs[0]
+
+    def kill(self) -> None:
+        """SIGKILL, reaped."""
+        assert self.child is not None
+        self.child.proc.kill()
+        self.child.proc.wait(5)
+        self.child.stop()  # closes its log
+
+    def stop(self) -> int | None:
+        return self.child.stop() if self.child is not None else None
+
+    async def probe_stats(self) -> dict[str, Any]:
+        assert self.stats_file is not None
+        return await read_probe_stats(self.stats_file)
+
+
+class ClusterProcess:
+    """`n` colonyd processes on 127.0.0.1 forming one Raft group: the first bootstraps, the
+    others start with --join (and the server key, so they ask to be added themselves).
+
+        async with ClusterProcess(server_key_hex, 3) as cluster:
+            cluster.addrs, cluster.pids, cluster.cpu_seconds()
+            leader = await cluster.leader(); leader.kill(); leader.start()
+
+    Same interface as NodeProcess where the benchmarks need it (addrs, pids, cpu_seconds,
+    probe, probe_stats), plus kill/restart of members and the leader as the nodes see it.
+    """
+
+    def __init__(
+        self,
+        server_prvkey: str,
+        n: int = 3,
+        log_level: str = "warning",
+        probe: bool = False,
+        cprofile_dir: Path | None = None,
+        cprofile_prefix: str = "",
+    ) -> None:
+        self.server_prvkey = server_prvkey
+        self.n = n
+        self.log_level = log_level
+        self.probe = probe or cprofile_dir is not None
+        self.cprofile_dir = cprofile_dir
+        self.cprofile_prefix = cprofile_prefix
+        self.members: list[ClusterMember] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def addrs(self) -> list[str]:
+        return [m.addr for m in self.members]
+
+    @property
+    def pids(self) -> list[int]:
+        return [m.pid for m in self.members if m.running]
+
+    def cpu_seconds(self) -> float:
+        """CPU of the running members (a killed member's CPU is gone with it)."""
+        return sum(m.cpu_seconds() for m in self.members)
+
+    def cpu_each(self) -> list[float]:
+        return [m.cpu_seconds() for m in self.members]
+
+    async def probe_stats(self) -> dict[str, Any]:
+        return {m.name: await m.probe_stats() for m in self.members}
+
+    async def __aenter__(self) -> ClusterProcess:
+        self._tmp = tempfile.TemporaryDirectory(prefix="colonies-bench-cluster-")
+        workdir = Path(self._tmp.name)
+        env = dict(os.environ)
+        env["COLONIES_SERVER_PRVKEY"] = self.server_prvkey
+        for i in range(self.n):
+            name = f"n{i + 1}"
+            cprofile = (self.cprofile_dir / f"{self.cprofile_prefix}{name}.pstats"
+                        if self.cprofile_dir else None)
+            self.members.append(
+                ClusterMember(name, workdir, env, self.log_level, self.probe, cprofile)
+            )
+        try:
+            first, *others = self.members
+            first.start()
+            await first.wait_ready()
+            for m in others:
+                m.start(join=first.addr)
+            for m in others:
+                await m.wait_ready()
+            await self.leader()  # every member agrees on one
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for m in self.members:  # SIGTERM all first: each drains for up to a few seconds
+            if m.running and m.child is not None:
+                m.child.proc.send_signal(signal.SIGTERM)
+        for m in self.members:
+            code = m.stop()
+            if code not in (0, None, -signal.SIGTERM, -signal.SIGKILL) and m.child is not None:
+                progress(f"{m.name} exited with {code}:\n{m.child.tail()}")
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    async def info(self, member: ClusterMember) -> dict[str, Any] | None:
+        """The member's own server info, or None if it does not answer quickly."""
+        from node.client import Client  # the bench's clients; benchkit stays import-light
+        from protocol.errors import ColoniesError
+        from protocol.identity import PrivateKey
+
+        with trio.move_on_after(CLUSTER_INFO_TIMEOUT_S):
+            try:
+                async with Client.connect(member.addr, PrivateKey.from_hex(self.server_prvkey),
+                                          timeout=CLUSTER_INFO_TIMEOUT_S) as c:
+                    if c.addr == member.addr:
+                        return await c.server_info_fresh()
+            except (ColoniesError, OSError):
+                pass
+        return None
+
+    async def leader(self, timeout: float = 30.0) -> ClusterMember:
+        """The member every running member names as leader, and which says it leads."""
+        with trio.move_on_after(timeout):
+            while True:
+                running = [m for m in self.members if m.running]
+                infos = [await self.info(m) for m in running]
+                named = {i["raft"]["leader"] for i in infos if i is not None}
+                if None not in infos and len(named) == 1 and None not in named:
+                    pid = named.pop()
+                    leader = next((m for m in running if m.peer_id == pid), None)
+                    info = infos[running.index(leader)] if leader else None
+                    if info is not None and info["raft"]["state"] == "leader":
+                        return leader
+                await trio.sleep(0.05)
+        raise BenchError(f"the cluster agreed on no leader within {timeout:g} s")
+
+    async def wait_caught_up(self, member: ClusterMember, timeout: float = 30.0) -> None:
+        """`member` has applied everything the leader had committed when asked."""
+        leader = await self.leader(timeout)
+        info = await self.info(leader)
+        target = info["raft"]["commit_index"] if info else 0
+        with trio.move_on_after(timeout):
+            while True:
+                mine = await self.info(member)
+                if mine is not None and mine["raft"]["last_applied"] >= target:
+                    return
+                await trio.sleep(0.05)
+        raise BenchError(f"{member.name} did not catch up to index {target} within {timeout:g} s")
 
 
 class PySpy:

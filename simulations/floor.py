@@ -25,7 +25,6 @@ import trio
 from node.connection import Connection
 from node.rpc_server import READ_SIZE
 from protocol.envelope import seal
-from protocol.errors import Unavailable
 from protocol.framing import FrameDecoder, decode_requests, encode_replies
 from protocol.identity import PrivateKey
 
@@ -168,7 +167,7 @@ class TcpConnection(Connection):
                     with trio.CancelScope(shield=True):
                         await sock.aclose()
             finally:
-                self._fail_all(Unavailable(f"connection to {self.addr} closed"))
+                self._fail_all()
                 self.closed.set()
 
 

@@ -205,3 +205,14 @@ def test_render_values():
     assert fmt_value("hello") == "hello"
     assert fmt_value({"a": [1, 2]}) == '{"a": [1, 2]}'
     assert fmt_value(3) == "3"
+
+
+def test_several_node_addresses_comma_separated():
+    other = ADDR.replace("50080", "50081")
+    cfg = load_config({}, {"COLONIES_SERVER_ADDR": f" {ADDR} , {other},"})
+    assert cfg.server_addrs() == [ADDR, other]
+    assert cfg.server_addr() == ADDR
+    with pytest.raises(ConfigError, match="COLONIES_SERVER_ADDR"):
+        load_config({}, {"COLONIES_SERVER_ADDR": f"{ADDR},127.0.0.1:1"}).server_addrs()
+    with pytest.raises(ConfigError, match="no node address"):
+        load_config({}, {"COLONIES_SERVER_ADDR": " , "}).server_addrs()

@@ -23,11 +23,11 @@ from machine_harness import Harness, S
 
 from consensus.lifecycle import TRANSITIONS, Event, next_state, table_markdown
 from protocol.errors import AccessDenied, BadRequest, NotFound
-from protocol.messages import FAILED, RUNNING, SUCCESS, WAITING
+from protocol.messages import CANCELLED, FAILED, RUNNING, SUCCESS, WAITING
 
 DAY = 86_400 * S
 EXECUTORS = {"a1": "t1", "a2": "t1", "b1": "t2"}  # name -> type
-STATES = (WAITING, RUNNING, SUCCESS, FAILED)
+STATES = (WAITING, RUNNING, SUCCESS, FAILED, CANCELLED)
 
 
 def test_illegal_transitions_are_refused():
@@ -212,6 +212,21 @@ class ProcessLifecycle(RuleBasedStateMachine):
         del self.model[pid]
         self.order.remove(pid)
 
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), who=st.sampled_from(sorted(EXECUTORS)))
+    def cancel(self, data: st.DataObject, who: str) -> None:
+        """Any member may cancel a waiting or running process; its executor keeps the
+        assignment, so a later close is refused with a reason (BadRequest), not 403."""
+        pid = data.draw(st.sampled_from(sorted(self.model)))
+        r = self.model[pid]
+        try:
+            self.h.write("cancelprocessmsg", self.ids[who], {"processid": pid})
+        except BadRequest:
+            assert r["state"] not in (WAITING, RUNNING)
+            return
+        assert r["state"] in (WAITING, RUNNING)
+        r["state"] = CANCELLED
+
     @rule(who=st.sampled_from(sorted(EXECUTORS)))
     def remove_and_readd_executor(self, who: str) -> None:
         """Removing an executor requeues its running processes without counting a retry."""
@@ -248,6 +263,7 @@ class ProcessLifecycle(RuleBasedStateMachine):
             RUNNING: "runningprocesses",
             SUCCESS: "successfulprocesses",
             FAILED: "failedprocesses",
+            CANCELLED: "cancelledprocesses",
         }
         reader = self.ids["a1"]
         for state, key in keys.items():

@@ -173,3 +173,13 @@ async def test_consistent_read_goes_through_the_log(colony: Colony) -> None:
         c.consistent_reads = True
         assert (await c.process(p["processid"]))["processid"] == p["processid"]
         assert colony.node.replicator.status()["commit_index"] > before
+
+
+async def test_connect_skips_a_dead_address_to_the_next_one(colony: Colony) -> None:
+    from tests.raft_harness import free_port
+
+    peer = colony.addr.rsplit("/p2p/", 1)[1]
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{peer}"
+    async with Client.connect([dead, colony.addr], colony.executor, timeout=3) as c:
+        assert c.addr == colony.addr
+        assert (await c.server_info_fresh())["peerid"] == peer

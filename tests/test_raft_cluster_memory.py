@@ -123,6 +123,10 @@ async def test_isolated_leader_cannot_commit_and_catches_up_after_heal(tmp_path)
         for i in range(5, 15):
             assert (await majority[i % 2].put(i))[0] == 200
         assert old.machine.values() == list(range(5))
+        # ... until leader_fallback (3 x max_timeout) passes without a majority: it steps down.
+        await wait_until(
+            lambda: not old.colony.is_leader, TIMEOUTS.leader_fallback + 1.0, "it to step down"
+        )
 
         c.network.heal()
         await wait_until(lambda: leader_of(c.live()) is new, 10, "the old leader to follow")

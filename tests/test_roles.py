@@ -36,6 +36,14 @@ EXPECTED_SYMBOLS = {
     "removeallprocessesmsg": "CO",
     "addattributemsg": "M✓+A",
     "getattributemsg": "M✓",
+    "cancelprocessmsg": "M✓",
+    "submitworkflowspecmsg": "M✓",
+    "getprocessgraphmsg": "M✓",
+    "getprocessgraphsmsg": "M✓",
+    "removeprocessgraphmsg": "M✓",
+    "removeallprocessgraphsmsg": "CO",
+    "cancelprocessgraphmsg": "M✓",
+    "addchildmsg": "M✓+A",
     "addmembermsg": "SO",
     "removemembermsg": "SO",
 }
@@ -53,8 +61,9 @@ ALLOWED = {
 
 
 class World:
-    """Colony dev: owner co, an executor running process P (with attribute A), an approved
-    peer, a pending and a rejected executor. Colony other: owner co2 and member o1."""
+    """Colony dev: owner co, an executor running process P (with attribute A) and the root
+    R of workflow G, an approved peer, a pending and a rejected executor. Colony other: owner
+    co2 and member o1."""
 
     def __init__(self) -> None:
         h = self.h = Harness()
@@ -79,9 +88,14 @@ class World:
                 }
             },
         )
+        wf = {"colonyname": "dev", "functionspecs": [dict(h.spec("dev"), nodename="r")]}
+        self.g = h.write("submitworkflowspecmsg", self.ids["assigned"], {"spec": wf})
+        self.r = h.assign(self.ids["assigned"], "dev")
+        assert self.r["processgraphid"] == self.g["processgraphid"]
 
     def body(self, msgtype: str) -> dict:
         pid, aid = self.p["processid"], self.a["attributeid"]
+        gid = self.g["processgraphid"]
         ref = {"colonyname": "dev", "executorname": "peer"}
         executor = {
             "executorid": make_id("new"),
@@ -124,6 +138,20 @@ class World:
                 "attribute": {"targetid": pid, "attributetype": OUT, "key": "k2", "value": "v"}
             },
             "getattributemsg": {"attributeid": aid},
+            "cancelprocessmsg": {"processid": pid},
+            "submitworkflowspecmsg": {
+                "spec": {"colonyname": "dev", "functionspecs": [dict(spec, nodename="a")]}
+            },
+            "getprocessgraphmsg": {"processgraphid": gid},
+            "getprocessgraphsmsg": {"colonyname": "dev"},
+            "removeprocessgraphmsg": {"processgraphid": gid},
+            "removeallprocessgraphsmsg": {"colonyname": "dev", "state": -1},
+            "cancelprocessgraphmsg": {"processgraphid": gid},
+            "addchildmsg": {
+                "processgraphid": gid,
+                "parentprocessid": self.r["processid"],
+                "spec": dict(spec, nodename="child"),
+            },
         }[msgtype]
 
 
@@ -168,6 +196,7 @@ MISSING = {
     "colonyname": "nosuch",
     "processid": make_id("no-process"),
     "attributeid": make_id("no-attribute"),
+    "processgraphid": make_id("no-graph"),
 }
 
 
@@ -176,6 +205,10 @@ def test_a_missing_object_is_404_before_the_role(world: World, msgtype: str):
     body = dict(world.body(msgtype))
     if "executor" in body:
         body["executor"] = dict(body["executor"], colonyname="nosuch")
+    elif "parentprocessid" in body:  # addchildmsg: the parent is what the rule looks up
+        body["parentprocessid"] = MISSING["processid"]
+    elif "functionspecs" in body.get("spec", {}):
+        body["spec"] = dict(body["spec"], colonyname="nosuch")
     elif "spec" in body:
         body["spec"] = {
             **body["spec"],
@@ -184,7 +217,8 @@ def test_a_missing_object_is_404_before_the_role(world: World, msgtype: str):
     elif "attribute" in body:
         body["attribute"] = dict(body["attribute"], targetid=MISSING["processid"])
     else:
-        key = next(k for k in ("processid", "attributeid", "colonyname") if k in body)
+        keys = ("processid", "attributeid", "processgraphid", "colonyname")
+        key = next(k for k in keys if k in body)
         body[key] = MISSING[key]
     for caller in world.ids.values():
         with pytest.raises(NotFound):
