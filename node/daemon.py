@@ -33,7 +33,7 @@ from node.client import Client
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
 from node.log_context import set_log_node
-from node.membership import Membership, check_not_removed, load_members, save_members
+from node.membership import Membership, NodeRemoved, check_not_removed, load_members, save_members
 from node.metrics import Metrics
 from node.p2p import full_addrs, parse_peer_addr, running_host
 from node.raft_transport import Libp2pRaftTransport
@@ -49,6 +49,7 @@ VERSION = "0.1.0"
 DRAIN_TIMEOUT_S = 3.0
 JOIN_TIMEOUT_S = 60.0
 LEADER_WAIT_LOG_S = 10.0
+LEADER_ASK_S = 1.0
 ASK_MEMBER_TIMEOUT_S = 2.0
 
 
@@ -203,7 +204,7 @@ class ColonyNode:
                     nursery.start_soon(replicator.run)
                     if joining:
                         nursery.start_soon(self._ask_to_join)
-                    await self._wait_for_leader(replicator)
+                    await self._wait_for_leader(replicator, joining=joining)
                     if joining:
                         await self._wait_for_state(replicator)
                     else:
@@ -295,13 +296,24 @@ class ColonyNode:
                 await trio.sleep(1.0)
         log.error("could not ask the cluster to add this node within %ss", JOIN_TIMEOUT_S)
 
-    async def _wait_for_leader(self, replicator: Replicator) -> None:
+    async def _wait_for_leader(self, replicator: Replicator, *, joining: bool) -> None:
+        """Until a leader is known and this replica caught up. A restarted node that the
+        cluster removed while it was down would wait forever (no member talks to it), so it
+        asks the members meanwhile, and stops if they no longer list it."""
+        assert self.membership is not None
+        last_log = trio.current_time()
         while True:
             try:
-                await replicator.wait_ready(LEADER_WAIT_LOG_S)
+                await replicator.wait_ready(LEADER_ASK_S)
                 return
             except Unavailable as e:
-                log.info("waiting: %s", e.message)
+                if trio.current_time() - last_log >= LEADER_WAIT_LOG_S:
+                    log.info("waiting: %s", e.message)
+                    last_log = trio.current_time()
+            if not joining:
+                await self.membership.ask_if_cut_off()
+                if self.membership.removed:
+                    raise NodeRemoved("this node was removed from its cluster while it was down")
 
     async def _wait_for_state(self, replicator: Replicator) -> None:
         """A joined node serves once it has the cluster's bootstrap entry."""

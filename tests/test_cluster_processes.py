@@ -408,3 +408,33 @@ async def test_a_fourth_node_joins_and_a_removed_member_stops_for_good(shared: S
         with pytest.raises(NotFound):
             async with c.client_on(leader) as admin:
                 await admin.call("removemembermsg", {"peerid": victim.peer_id})
+
+
+async def test_a_member_removed_while_it_was_down_stops_when_restarted(shared: Shared) -> None:
+    c = shared.cluster
+    with c.logs_on_failure():
+        leader = await healthy(shared)
+        live = [n for n in c.nodes if n.name not in shared.removed]
+        assert len(live) == 3, [n.name for n in live]
+        victim = next(n for n in followers(c, leader) if n in live)
+        stayers = [n for n in live if n is not victim]
+        assert victim.stop() == 0
+        async with c.client_on(leader) as admin:
+            await admin.call("removemembermsg", {"peerid": victim.peer_id})
+        shared.removed.add(victim.name)
+        remaining = {n.peer_id for n in stayers}
+
+        async def removed_everywhere() -> bool:
+            for n in stayers:
+                info = await c.info(n)
+                if info is None or set(info["raft"]["members"]) != remaining:
+                    return False
+            return True
+
+        await wait_for(removed_everywhere, CONVERGE_S, "the victim gone from the raft group")
+        # Nobody talks to it any more: it must learn from the members that it was removed.
+        victim.start()
+        code = await victim.wait_exit(30)
+        last_start = victim.log_text().rsplit("===== start #", 1)[1]
+        assert code != 0, f"the removed node kept running:\n{victim.tail()}"
+        assert "removed from its cluster while it was down" in last_start, last_start
