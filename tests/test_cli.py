@@ -7,109 +7,13 @@ run, list, errors, a clean SIGTERM, and a second `dev` in the same dir reusing i
 from __future__ import annotations
 
 import json
-import os
-import queue
-import shlex
-import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-import pytest
+from tests.dev_process import DevProcess, base_env, colonies, read_env_file
 
-ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30
-CALL_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 8
-
-
-def base_env(home: Path) -> dict[str, str]:
-    """The test's environment without the caller's COLONIES_* settings or ~/.colonies."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COLONIES_")}
-    env["HOME"] = str(home)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-class DevProcess:
-    """`python -m cli.main dev` with its stdout read by a thread, so waits are bounded."""
-
-    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "dev", "--dir", str(state_dir),
-             "--listen", "/ip4/127.0.0.1/tcp/0"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
-            threading.Thread(target=self._collect, daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, q) -> None:
-        for line in stream:
-            q.put(line.rstrip("\n"))
-        q.put(None)
-
-    def _collect(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"colonies dev not ready in {READY_TIMEOUT_S} s: {''.join(self.stderr)}")
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                pytest.fail(f"colonies dev exited early: {''.join(self.stderr)}")
-            if line == "ready":
-                return
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=STOP_TIMEOUT_S)
-
-    def kill(self) -> None:
-        """Stop it if still running, and close its pipes."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        for t in self.threads:
-            t.join(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            k, _, v = line[len("export "):].partition("=")
-            out[k] = shlex.split(v)[0]
-    return out
-
-
-def colonies(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *argv],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=CALL_TIMEOUT_S,
-    )
 
 
 def assert_one_error_line(r: subprocess.CompletedProcess) -> str:
@@ -175,7 +79,10 @@ def test_dev_colony_end_to_end(tmp_path):
     devs: list[DevProcess] = []
     try:
         # First run: creates keys, colony and executor.
-        dev = DevProcess(state_dir, base)
+        dev = DevProcess(
+            state_dir, base, ["--listen", "/ip4/127.0.0.1/tcp/0"],
+            ready_timeout=READY_TIMEOUT_S, stop_timeout=STOP_TIMEOUT_S,
+        )
         devs.append(dev)
         dev.wait_ready()
         env_file = state_dir / "env"
@@ -233,7 +140,10 @@ def test_dev_colony_end_to_end(tmp_path):
 
         # Second run in the same dir: same keys, same colony, earlier processes kept.
         keys_before = (state_dir / "keys.toml").read_text()
-        dev = DevProcess(state_dir, base)
+        dev = DevProcess(
+            state_dir, base, ["--listen", "/ip4/127.0.0.1/tcp/0"],
+            ready_timeout=READY_TIMEOUT_S, stop_timeout=STOP_TIMEOUT_S,
+        )
         devs.append(dev)
         dev.wait_ready()
         assert (state_dir / "keys.toml").read_text() == keys_before

@@ -8,31 +8,20 @@ file), echo again, kill -9 node1 and echo through another node. Every wait is bo
 from __future__ import annotations
 
 import os
-import queue
 import random
-import shlex
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.dev_process import DevProcess, base_env, colonies, read_env_file
+
 READY_TIMEOUT_S = 45
-CALL_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 25  # the executor (5 s at most), then the nodes (10 s at most)
 NODES = 3
-
-
-def base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COLONIES_")}
-    env["HOME"] = str(home)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 def port_free(port: int) -> bool:
@@ -73,81 +62,11 @@ def wait_until(cond, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-class Dev:
-    """`python -m cli.main dev --nodes 3`, its output read by threads so waits are bounded."""
-
-    def __init__(self, state_dir: Path, port: int, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "dev", "--nodes", str(NODES),
-             "--port", str(port), "--dir", str(state_dir)],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._pump, daemon=True),
-            threading.Thread(target=self._collect, daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.stdout.append(line)
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def _collect(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-
-    def err(self) -> str:
-        return "".join(self.stderr)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"colonies dev --nodes 3 not ready in {READY_TIMEOUT_S} s: {self.err()}")
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                pytest.fail(f"colonies dev --nodes 3 exited early: {self.err()}")
-            if line == "ready":
-                return
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=STOP_TIMEOUT_S)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        for t in self.threads:
-            t.join(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            k, _, v = line[len("export "):].partition("=")
-            out[k] = shlex.split(v)[0]
-    return out
-
-
-def colonies(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *argv],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=CALL_TIMEOUT_S,
+def start_dev(state_dir: Path, port: int, env: dict[str, str]) -> DevProcess:
+    """`colonies dev --nodes 3` on ports port..port+2."""
+    return DevProcess(
+        state_dir, env, ["--nodes", str(NODES), "--port", str(port)],
+        ready_timeout=READY_TIMEOUT_S, stop_timeout=STOP_TIMEOUT_S,
     )
 
 
@@ -169,10 +88,10 @@ def test_dev_cluster_end_to_end(tmp_path):
     state_dir = tmp_path / "dev"
     base = base_env(tmp_path / "home")
     port = free_base_port()
-    devs: list[Dev] = []
+    devs: list[DevProcess] = []
     seen_pids: set[int] = set()
     try:
-        dev = Dev(state_dir, port, base)
+        dev = start_dev(state_dir, port, base)
         devs.append(dev)
         dev.wait_ready()
         wait_until(lambda: "Ctrl-C stops all." in "".join(dev.stdout), 5, "the how-to")
@@ -213,7 +132,7 @@ def test_dev_cluster_end_to_end(tmp_path):
         dead = subprocess.Popen(["true"])
         dead.wait(timeout=10)
         (state_dir / "node2" / "colonyd.pid").write_text(f"{dead.pid}\n")
-        dev = Dev(state_dir, port, base)
+        dev = start_dev(state_dir, port, base)
         devs.append(dev)
         dev.wait_ready()
         wait_until(lambda: "existing keys" in "".join(dev.stdout), 5, "the how-to")
