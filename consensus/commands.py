@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from consensus import workflows
+from consensus import timers, workflows
 from consensus.lifecycle import Event
 from consensus.listing import ALL_STATES
 from consensus.process_ops import (
@@ -307,9 +307,12 @@ def barrier(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
 
 
 def tick(st: ColonyState, cmd: dict[str, Any], now: int) -> Any:
-    result = expire_due(st, now)
-    if result["requeued"] or result["failed"]:
+    result: dict[str, Any] = expire_due(st, now)
+    fired = timers.fire_due(st, now)
+    if result["requeued"] or result["failed"] or fired:
         st.applied_changes += 1
+    if fired:
+        result["timers"] = fired
     return result
 
 

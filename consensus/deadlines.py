@@ -38,6 +38,10 @@ class DeadlineIndex:
     def get(self, processid: str) -> Entry | None:
         return self._by_process.get(processid)
 
+    def entries(self) -> list[Entry]:
+        """Every entry, earliest first."""
+        return list(self._entries)
+
     def next(self) -> int | None:
         return self._entries[0][0] if self._entries else None
 

@@ -177,8 +177,9 @@ class ColonyMachine:
         return self._st.queue.count(ex.colonyname, ex.executortype, ex.executorname)
 
     def next_deadline(self) -> int | None:
-        """The earliest pending exec or wait deadline (unix ns), or None."""
-        return self._st.deadlines.next()
+        """The earliest pending process deadline or timer (unix ns), or None."""
+        due = [t for t in (self._st.deadlines.next(), self._st.timers.next()) if t is not None]
+        return min(due) if due else None
 
     # Snapshots.
 

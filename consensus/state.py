@@ -29,9 +29,10 @@ from protocol.errors import InternalError, NotFound
 from protocol.messages import CANCELLED, FAILED, FINISHED_STATES, RUNNING, SUCCESS, WAITING
 
 # 2 added process graphs and the processes' workflow fields; format 1 snapshots (no
-# workflows) still load.
-SNAPSHOT_FORMAT = 2
-READABLE_SNAPSHOT_FORMATS = (1, 2)
+# workflows) still load. 3 added the timers (consensus/timers.py) and the sections of the
+# features that use them; every section added since 2 is optional when reading.
+SNAPSHOT_FORMAT = 3
+READABLE_SNAPSHOT_FORMATS = (1, 2, 3)
 
 # The process fields a transition may change (everything else is fixed at submission).
 _MUTABLE = frozenset(
@@ -84,6 +85,7 @@ class ColonyState:
         self.attributes: dict[str, Attribute] = {}
         self.queue = AssignQueue()
         self.deadlines = DeadlineIndex()
+        self.timers = DeadlineIndex()  # key -> (time, kind); see consensus/timers.py
         self.listing = ProcessListing()
         self.running_by_executor: dict[str, dict[str, None]] = {}
         self.nonces = NonceBook()
@@ -303,6 +305,7 @@ class ColonyState:
             ],
             "nonces": self.nonces.to_snapshot(),
             "members": [[pid, self.members[pid]] for pid in sorted(self.members)],
+            "timers": [list(e) for e in self.timers.entries()],
         }
 
     @classmethod
@@ -327,4 +330,6 @@ class ColonyState:
             st.add_process(Process.from_snapshot(p))
         st.nonces = NonceBook.from_snapshot(data["nonces"])
         st.members = {pid: addr for pid, addr in data.get("members", [])}
+        for at, key, kind in data.get("timers", []):
+            st.timers.set(key, at, kind)
         return st

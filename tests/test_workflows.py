@@ -13,6 +13,7 @@ from machine_harness import SERVER, Harness, S, make_id
 from consensus import workflows
 from consensus.graphs import find_cycle, member_id
 from consensus.machine import ColonyMachine
+from consensus.state import SNAPSHOT_FORMAT
 from protocol.errors import AccessDenied, BadRequest, NotFound
 from protocol.messages import (
     CANCELLED,
@@ -736,7 +737,7 @@ def _busy_machine() -> Harness:
 def test_snapshot_round_trip_with_graphs():
     h = _busy_machine()
     data = msgpack.unpackb(msgpack.packb(h.m.snapshot()), raw=False)
-    assert data["format"] == 2 and len(data["processgraphs"]) == 2
+    assert data["format"] == SNAPSHOT_FORMAT and len(data["processgraphs"]) == 2
     b = ColonyMachine.restore(data)
     assert b.digest() == h.m.digest() and b.snapshot() == h.m.snapshot()
     assert b.statistics() == h.m.statistics()
@@ -770,7 +771,7 @@ def test_format_1_snapshot_still_loads(h: Harness, dev):
     got = m.read("getprocessmsg", dev["w1"], {"processid": p["processid"]}, h.now)
     assert got == p
     with pytest.raises(ValueError, match="unsupported snapshot format"):
-        ColonyMachine.restore(dict(data, format=3))
+        ColonyMachine.restore(dict(data, format=SNAPSHOT_FORMAT + 1))
 
 
 def test_two_replicas_agree_on_workflows():
