@@ -599,6 +599,9 @@ def batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "commands_per_entry": per("commands", "entries"),
         "ticks": d.get("ticks", 0),
         "ticks_per_request": per("ticks", "requests_in"),
+        "raft_messages_sent": d.get("raft_sent", 0),
+        "raft_sent_by_type": {k.split(":", 1)[1]: v for k, v in sorted(d.items())
+                              if k.startswith("raft_sent:") and v},
         "applied": {k.split(":", 1)[1]: v for k, v in sorted(d.items())
                     if k.startswith("apply:") and v},
         "refused": {k.split(":", 1)[1]: v for k, v in sorted(d.items())

@@ -8,6 +8,7 @@ Runs `cli.daemon.main` unchanged, with thin wrappers (no behaviour change) aroun
 - node.rpc_server.encode_replies: reply frames written (one stream write each), replies in them;
 - node.replicator.pack_batch: Raft entries proposed, commands in them;
 - ReplicatedColony.doTick: ticks;
+- StreamRaftTransport.send: Raft messages sent, by type;
 - ColonyMachine.apply: applied commands by op, and the refused ones by op and error;
 - the garbage collector: collections and their pauses per generation;
 - ReplicatedColony._write_dump: snapshots written (log compaction), and how long they took
@@ -92,6 +93,17 @@ def install() -> None:
             COUNTERS[f"refused:{op}:{type(e).__name__}"] += 1
             raise
 
+    from node.raft_transport import StreamRaftTransport
+
+    send = StreamRaftTransport.send
+
+    def counted_send(self: StreamRaftTransport, node: Any, message: Any) -> bool:
+        kind = message.get("type") if isinstance(message, dict) else "?"
+        COUNTERS["raft_sent"] += 1
+        COUNTERS[f"raft_sent:{kind}"] += 1
+        return send(self, node, message)
+
+    StreamRaftTransport.send = counted_send  # type: ignore[method-assign]
     ColonyMachine.apply = counted_apply  # type: ignore[method-assign]
     rpc_mod.decode_requests = counted_decode
     rpc_mod.encode_replies = counted_encode
