@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("COLONIES_METRICS_ADDR") or None,
         help="serve Prometheus metrics on HOST:PORT (GET /metrics)",
     )
+    p.add_argument(
+        "--fault-file",
+        type=Path,
+        help="chaos testing only: a JSON fault plan for the Raft transport (node/faults.py)",
+    )
     p.add_argument("--log-level", default=os.environ.get("COLONIES_LOG_LEVEL", "info"))
     p.add_argument(
         "--log-format",
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_addr=args.metrics_addr,
         join=args.join or [],
         announce=args.announce,
+        fault_file=args.fault_file,
     )
 
     async def run() -> None:

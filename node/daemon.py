@@ -32,6 +32,7 @@ from consensus.raft import (
 from node.client import Client
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
+from node.faults import FaultFile
 from node.log_context import set_log_node
 from node.membership import Membership, NodeRemoved, check_not_removed, load_members, save_members
 from node.metrics import Metrics
@@ -66,6 +67,8 @@ class NodeConfig:
     join: list[str] = field(default_factory=list)
     # The address other members and clients dial (default: the first listen address).
     announce: str | None = None
+    # Chaos runs only: a JSON fault plan re-read every 200 ms (node/faults.py).
+    fault_file: Path | None = None
 
 
 def server_owner_key(config: NodeConfig) -> tuple[PrivateKey, str]:
@@ -175,11 +178,13 @@ class ColonyNode:
             self.addrs = full_addrs(host)
             self.announce = self._announce_addr()
             others, joining = await self._initial_members()
+            faults = FaultFile(self.config.fault_file) if self.config.fault_file else None
             transport = Libp2pRaftTransport(
                 host,
                 self.peer_id,
                 others,
                 on_members_changed=lambda m: self._membership_hook(m),
+                faults=faults,
             )
             raft = ReplicatedColony(
                 self.peer_id,
@@ -200,6 +205,8 @@ class ColonyNode:
                 save_members(self.config.data_dir, others)
             try:
                 async with trio.open_nursery() as nursery:
+                    if faults is not None:
+                        await nursery.start(faults.run)
                     await nursery.start(transport.run)
                     nursery.start_soon(replicator.run)
                     if joining:

@@ -74,6 +74,7 @@ from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
 from consensus.raft import MAX_ENTRY_BYTES
+from node.faults import FaultFile, FaultPlan
 from node.p2p import connect, parse_peer_addr
 from protocol.errors import ColoniesError
 from protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, unpack_untrusted
@@ -297,8 +298,14 @@ class StreamRaftTransport(Transport):
         max_frame_bytes: int = RAFT_MAX_FRAME_BYTES,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         on_members_changed: Callable[[dict[str, str | None]], None] | None = None,
+        faults: FaultFile | None = None,
     ) -> None:
         super().__init__(None, None, [])
+        # Chaos runs only (colonyd --fault-file): None everywhere else, and then no fault
+        # code path runs.
+        self._faults = faults
+        if faults is not None:
+            faults.listeners.append(self._on_fault_plan)
         if not 0 < heartbeat < silent_after:
             raise ValueError("need 0 < heartbeat < silent_after")
         self.self_id = self_id
@@ -342,6 +349,7 @@ class StreamRaftTransport(Transport):
             ),
             0,
         )
+        self.counters["fault_dropped"] = 0
         for peer, addr in members.items():
             self._add(peer, addr, override=True)
 
@@ -487,6 +495,8 @@ class StreamRaftTransport(Transport):
         session = self._sessions.get(peer)
         if session is None or self._destroyed:
             return False
+        if self._faults is not None and self._fault_drops(peer, message):
+            return True  # lost on the way, as far as the sender can tell
         if "transmission" in message:
             # Never produced for our entries (< appendEntriesBatchSizeBytes); the receiver
             # would drop it anyway.
@@ -512,6 +522,25 @@ class StreamRaftTransport(Transport):
             session.queued_bytes += len(frame)
         self.counters["frames_sent"] += len(frames)
         return True
+
+    def _fault_drops(self, peer: str, message: Any) -> bool:
+        """Whether the fault plan loses this message. Never a snapshot chunk: a stream
+        never loses one in the middle while staying up, and the follower's dump would be
+        corrupt (the same reason _sheddable spares them)."""
+        assert self._faults is not None
+        if self._faults.blocks(peer) or ("serialized" not in message and self._faults.drops()):
+            self.counters["fault_dropped"] += 1
+            return True
+        return False
+
+    def _on_fault_plan(self, plan: FaultPlan) -> None:
+        """A partition cuts the sessions with blocked peers at once (and _attempt/_accept
+        refuse new ones until it heals)."""
+        for peer in plan.block:
+            session = self._sessions.get(peer)
+            if session is not None:
+                self._end_session(session)
+        self._notify_change()
 
     def _overflow(self, session: _Session) -> bool:
         self.counters["queue_overflows"] += 1
@@ -620,6 +649,9 @@ class StreamRaftTransport(Transport):
         """A stream to ``peer`` whose accepting end said hello: (stream, its decoder, the
         frame bodies that came with the hello), or None."""
         stream = None
+        if self._faults is not None and self._faults.blocks(peer):
+            self.counters["dial_failures"] += 1
+            return None
         try:
             with trio.fail_after(self._dial_timeout):
                 stream = await self._open_stream(peer, addr)
@@ -656,7 +688,8 @@ class StreamRaftTransport(Transport):
 
     async def _accept(self, peer: str, stream: Any) -> None:
         """An inbound stream from ``peer`` (already authenticated by the caller)."""
-        if not self._running or peer == self.self_id or peer not in self._members:
+        blocked = self._faults is not None and self._faults.blocks(peer)
+        if not self._running or peer == self.self_id or peer not in self._members or blocked:
             self.counters["inbound_refused"] += 1
             self._warn.warning(
                 "refused:" + peer, "refused a raft stream from non-member %s", peer
@@ -814,6 +847,10 @@ class StreamRaftTransport(Transport):
                 return
             if not data:
                 return
+            if self._faults is not None and self._faults.delay_s > 0:
+                # A slow link: each read waits delay_s before delivery, in order (latency,
+                # and a cap on throughput as a congested link has).
+                await trio.sleep(self._faults.delay_s)
             self._last_heard[session.peer] = time.monotonic()
             if not self._deliver_all(session, node, decoder.feed(data)):  # framing errors raise
                 return
