@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cli import render
+from cli import process_follow, render
 from cli.config import Config, ConfigError, load_config
 from cli.errors import UsageError
 from protocol.errors import ColoniesError
@@ -198,6 +198,8 @@ async def cmd_colony_get(ctx: Context) -> int:
     key = ctx.cfg.key("prvkey")
     async with ctx.client(key) as c:
         colony = await c.colony(name)
+        status = await c.pause_status(name)
+    colony = {**colony, "paused": status["ispaused"], "staleafter": status["staleafter"]}
     ctx.show(colony, render.colony_table)
     return 0
 
@@ -251,6 +253,10 @@ async def cmd_executor_ls(ctx: Context) -> int:
     key = ctx.cfg.key("prvkey")
     async with ctx.client(key) as c:
         executors = await c.executors(colony)
+        staleafter = (await c.pause_status(colony))["staleafter"]
+    from cli.colony_cmds import liveness
+
+    executors = [{**e, "liveness": liveness(e, staleafter)} for e in executors]
     ctx.show(executors, render.executors_table)
     return 0
 
@@ -284,6 +290,7 @@ def spec_from_flags(ctx: Context) -> dict[str, Any]:
             "executortype": a.type or ctx.cfg.executor_type(),
             "executornames": csv_names(a.targetnames),
         },
+        **process_follow.spec_extras(a),  # Beyond Colonies: backoff, idempotency, limits
     }
 
 
@@ -628,6 +635,12 @@ def build_parser() -> Parser:
     p.add_argument("--name", help="colony name (default: --colony / COLONIES_COLONY_NAME)")
     p = leaf(g, "remove", cmd_colony_remove, "remove a colony and all in it (server owner key)")
     p.add_argument("--name", required=True, help="colony name")
+    # Logs, functions, pause, executor liveness.
+    from cli import colony_cmds
+
+    colony_cmds.add_leaves(g, leaf)
+    # Beyond Colonies: retention.
+    process_follow.add_colony_leaves(g, leaf)
 
     # executor
     g = group("executor", "executors of the colony")
@@ -659,6 +672,7 @@ def build_parser() -> Parser:
     p.add_argument("--maxretries", type=int, default=-1, help="re-queues before failing")
     p.add_argument("--env", nargs="*", default=[], metavar="K=V", help="environment")
     p.add_argument("--label", help="a label to filter by")
+    process_follow.add_spec_flags(p)  # Beyond Colonies
     _wait_flags(p)
     p = leaf(g, "submit", cmd_process_submit, "submit a function spec from a JSON file")
     p.add_argument("--spec", required=True, metavar="FILE", help="function spec (JSON; - = stdin)")
@@ -692,11 +706,25 @@ def build_parser() -> Parser:
     which = p.add_mutually_exclusive_group()
     for flag in ("waiting", "running", "successful", "failed", "cancelled"):
         which.add_argument(f"--{flag}", action="store_true", help=f"only {flag} ones")
+    # Beyond Colonies: wait, follow, export.
+    process_follow.add_process_leaves(g, leaf)
 
     # workflow
     from cli import workflow_cmds
 
     workflow_cmds.add_parser(group, leaf)
+
+    # Generators and crons.
+    from cli import cron_cmds, generator_cmds
+
+    generator_cmds.add_parser(group, leaf)
+    cron_cmds.add_parser(group, leaf)
+
+    # Logs, functions, pause, executor liveness.
+    from cli import function_cmds, log_cmds
+
+    log_cmds.add_parser(group, leaf)
+    function_cmds.add_parser(group, leaf)
 
     # attribute
     g = group("attribute", "process attributes")
@@ -736,8 +764,8 @@ def build_parser() -> Parser:
     p.add_argument("--timeout", type=seconds(0, inclusive=False), default=2.0, metavar="S",
                    help="give each member S seconds to answer (default 2)")
     p.add_argument("--stale-after", type=seconds(0, inclusive=False), default=60.0, metavar="S",
-                   help="an executor not heard from (no assign) in S seconds is stale "
-                   "(default 60)")
+                   help="when the colony's own stale-after is off: an executor not heard "
+                   "from in S seconds counts as stale (default 60)")
     p.set_defaults(handler=cmd_status)
 
     # dev

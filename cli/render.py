@@ -113,12 +113,18 @@ def colonies_table(colonies: list[dict]) -> Table:
 
 
 def colony_table(colony: dict) -> Table:
-    return _kv_table("Colony", [("name", colony.get("name", "")),
-                                ("colonyid", colony.get("colonyid", ""))])
+    rows = [("name", colony.get("name", "")), ("colonyid", colony.get("colonyid", ""))]
+    if "paused" in colony:  # `colony get` adds the assignment settings
+        rows.append(("assignments", "paused" if colony["paused"] else "running"))
+    if "staleafter" in colony:
+        after = colony["staleafter"]
+        rows.append(("executors stale after", f"{after} s" if after else "off"))
+    return _kv_table("Colony", rows)
 
 
 def executors_table(executors: list[dict]) -> Table:
-    t = _table(None, "Name", "Type", "State", "Executor ID", "Registered", "Last heard from")
+    t = _table(None, "Name", "Type", "State", "Executor ID", "Registered", "Last heard from",
+               "Liveness")
     for e in executors:
         t.add_row(
             e.get("executorname", ""),
@@ -127,6 +133,7 @@ def executors_table(executors: list[dict]) -> Table:
             e.get("executorid", ""),
             fmt_time(e.get("commissiontime")),
             fmt_time(e.get("lastheardfromtime")),
+            e.get("liveness") or ("stale" if e.get("stale") else "-"),
         )
     return t
 
@@ -182,6 +189,9 @@ def process_tables(p: dict) -> list[Table]:
                 ("wait deadline", fmt_time(p.get("waitdeadline"))),
                 ("exec deadline", fmt_time(p.get("execdeadline"))),
                 ("retries", str(p.get("retries", 0))),
+                # Retries with backoff: when a requeued process becomes assignable.
+                *([("backing off until", fmt_time(p["backoffuntil"]))]
+                  if p.get("backoffuntil") else []),
             ],
         ),
         _kv_table(
@@ -385,10 +395,13 @@ def colony_view_table(name: str, view: dict, stats: dict) -> Table:
     ex = view.get("executors", {})
     procs = view.get("processes", {})
     oldest = view.get("oldest_waiting_s")
+    rule = ("colony rule: not heard from in" if ex.get("stale_rule") == "colony"
+            else "staleness off; not heard from in")
     rows: list[tuple[str, Any]] = [
+        ("assignments", "paused" if view.get("paused") else "running"),
         ("executors",
          f"{ex.get('online', 0)} online, {ex.get('stale', 0)} stale "
-         f"(no assign in {fmt_seconds(ex.get('stale_after_s'))}), "
+         f"({rule} {fmt_seconds(ex.get('stale_after_s'))}), "
          f"{ex.get('pending', 0)} pending, {ex.get('rejected', 0)} rejected"),
         ("processes", ", ".join(f"{k} {v}" for k, v in procs.items()) or "-"),
         ("oldest waiting",

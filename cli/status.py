@@ -7,8 +7,10 @@ colony and a member key the colony's counts, its executors and its oldest waitin
 
 What the CLI derives itself, from what nodes report:
 * a member's lag: the leader's commit index minus the member's applied index;
-* executors online or stale: an approved executor is online if the colony heard from it
-  (its last assign) within `stale_after` seconds, by this machine's clock;
+* executors online or stale: when the colony has a stale-after (consensus/liveness.py), the
+  colony's own rule from the replicated state (heard from, and not marked stale); when its
+  staleness is off, an approved executor counts as online if the colony heard from it
+  within `stale_after` seconds, by this machine's clock;
 * the oldest waiting process's age, by this machine's clock;
 * assigns per second: from two samples of the colony's started processes (running +
   successful + failed). That is assigns net of requeues; a sample in which processes were
@@ -63,10 +65,18 @@ class StatusOptions:
     stale_after: float = STALE_AFTER_S
 
 
-def executor_counts(executors: list[dict[str, Any]], now_ns: int, stale_after: float) -> dict:
-    fresh_since = now_ns - int(stale_after * 1e9)
+def executor_counts(
+    executors: list[dict[str, Any]], now_ns: int, stale_after: float, colony_stale_after: int = 0
+) -> dict:
     approved = [e for e in executors if e.get("state") == APPROVED]
-    online = sum(1 for e in approved if int(e.get("lastheardfromtime") or 0) >= fresh_since)
+    if colony_stale_after:
+        rule = "colony"
+        stale_after = colony_stale_after
+        online = sum(1 for e in approved if e.get("lastheardfromtime") and not e.get("stale"))
+    else:
+        rule = "age"
+        fresh_since = now_ns - int(stale_after * 1e9)
+        online = sum(1 for e in approved if int(e.get("lastheardfromtime") or 0) >= fresh_since)
     return {
         "approved": len(approved),
         "online": online,
@@ -74,6 +84,7 @@ def executor_counts(executors: list[dict[str, Any]], now_ns: int, stale_after: f
         "pending": sum(1 for e in executors if e.get("state") == PENDING),
         "rejected": sum(1 for e in executors if e.get("state") == REJECTED),
         "stale_after_s": stale_after,
+        "stale_rule": rule,  # colony: the replicated rule; age: this clock (staleness off)
     }
 
 
@@ -184,10 +195,14 @@ class StatusReader:
         stats = await client.colony_stats(colony)
         status["colony"] = stats  # the node's counts as they are (as before)
         executors = await client.executors(colony)
+        settings = await client.pause_status(colony)
         oldest = await client.processes(colony, WAITING, 1)
         now_ns = time.time_ns()
         view: dict[str, Any] = {
-            "executors": executor_counts(executors, now_ns, self.opts.stale_after),
+            "paused": settings["ispaused"],
+            "executors": executor_counts(
+                executors, now_ns, self.opts.stale_after, settings["staleafter"]
+            ),
             "processes": {name: int(stats.get(key) or 0) for name, key in PROCESS_STATES},
             "oldest_waiting_s": None,
             "oldest_waiting_processid": None,

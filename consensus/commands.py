@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from consensus import timers, workflows
+from consensus import (
+    function_ops,
+    liveness,
+    log_ops,
+    pause_ops,
+    retention,  # Beyond Colonies
+    timers,
+    workflows,
+)
+from consensus.crons import WRITES as CRON_WRITES
+from consensus.generators import WRITES as GENERATOR_WRITES
 from consensus.lifecycle import Event
 from consensus.listing import ALL_STATES
 from consensus.process_ops import (
@@ -108,9 +118,20 @@ def submit(st: ColonyState, req: Request, now: int) -> Any:
         raise BadRequest("a submit needs a generated 64-hex process id ('gen')")
     if pid in st.processes:
         raise BadRequest(f"process id {pid} is already in use")
+    spec = normalized_spec(req.body["spec"])
+    # Idempotency keys (consensus/idempotency.py): the same key in the same colony within
+    # the window returns the first process.
+    ikey = spec.get("idempotencykey")
+    if ikey is not None:
+        st.idempotency.prune(now)
+        first = st.idempotency.find(spec["conditions"]["colonyname"], ikey)
+        if first is not None and first in st.processes:
+            return st.processes[first].to_wire()
     # The role rule made the caller an approved member (an executor).
-    p = new_process(st, pid, normalized_spec(req.body["spec"]), req.caller, now)
+    p = new_process(st, pid, spec, req.caller, now)
     st.add_process(p)
+    if ikey is not None:
+        st.idempotency.remember(p.colonyname, ikey, pid, now)
     st.applied_changes += 1
     return p.to_wire()
 
@@ -119,7 +140,8 @@ def assign(st: ColonyState, req: Request, now: int) -> Any:
     # The body's timeout is the node's business (long-poll); here we try exactly once.
     p = assign_next(st, st.executors[req.caller], now)
     if p is None:
-        raise NotFound(NO_PROCESS)
+        colony = req.body["colonyname"]
+        raise NotFound(pause_ops.paused_reason(colony) if colony in st.paused else NO_PROCESS)
     return p.to_wire()
 
 
@@ -250,6 +272,16 @@ WRITES: dict[str, Handler] = {
     "addmembermsg": add_member,
     "removemembermsg": remove_member,
     **workflows.WRITES,
+    # Generators and crons.
+    **GENERATOR_WRITES,
+    **CRON_WRITES,
+    # Logs, functions, pause, executor liveness.
+    **log_ops.WRITES,
+    **function_ops.WRITES,
+    **pause_ops.WRITES,
+    **liveness.WRITES,
+    # Beyond Colonies: retention.
+    **retention.WRITES,
 }
 
 

@@ -23,6 +23,12 @@ class Event(StrEnum):
     EXECUTOR_REMOVED = "executor removed"  # back to the queue, retries unchanged
     CANCEL = "cancel"  # cancelprocessmsg, or its workflow was cancelled
     WORKFLOW_FAILED = "workflow failed"  # another member of its workflow failed
+    # Retries with backoff (consensus/backoff.py): a failed close of a spec with a backoff
+    # and retries left goes back to the queue, retries + 1.
+    CLOSE_FAILED_RETRY = "close failed, retries left"
+    # Executor liveness (consensus/liveness.py): its executor stopped calling in.
+    EXECUTOR_STALE_REQUEUE = "executor stale, retries left"  # back to the queue, retries + 1
+    EXECUTOR_STALE_FAIL = "executor stale, no retries left"
 
 
 TRANSITIONS: dict[tuple[int, Event], int] = {
@@ -37,6 +43,11 @@ TRANSITIONS: dict[tuple[int, Event], int] = {
     (RUNNING, Event.CANCEL): CANCELLED,
     (WAITING, Event.WORKFLOW_FAILED): FAILED,
     (RUNNING, Event.WORKFLOW_FAILED): FAILED,
+    # Retries with backoff.
+    (RUNNING, Event.CLOSE_FAILED_RETRY): WAITING,
+    # Executor liveness.
+    (RUNNING, Event.EXECUTOR_STALE_REQUEUE): WAITING,
+    (RUNNING, Event.EXECUTOR_STALE_FAIL): FAILED,
 }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgpack
 
-from consensus import canonical, roles
+from consensus import canonical, liveness, roles
 from consensus.commands import INTERNAL, WRITES
 from consensus.queries import READS
 from consensus.request import Request
@@ -145,6 +145,7 @@ class ColonyMachine:
         st.last_now = now
         st.nonces.prune(now_ms)
         st.nonces.remember(caller, nonce, expiry)
+        liveness.heard_from(st, caller, now)  # an executor's write says it is alive
         gen = cmd.get("gen")
         return handler(st, Request(caller, body, gen if isinstance(gen, str) else ""), now)
 
@@ -173,6 +174,8 @@ class ColonyMachine:
         O(1); processes of the pool are counted for every executor of their type."""
         ex = self._st.executors.get(executor_id)
         if ex is None or ex.colonyname != colonyname or ex.state != APPROVED:
+            return 0
+        if colonyname in self._st.paused:  # long-pollers wait for the resume
             return 0
         return self._st.queue.count(ex.colonyname, ex.executortype, ex.executorname)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from consensus import graphs
+from consensus import backoff, function_ops, graphs
+from consensus.concurrency import limit_of
 from consensus.deadlines import EXEC
 from consensus.lifecycle import Event
 from consensus.records import (
@@ -44,6 +45,12 @@ def normalized_spec(spec: dict[str, Any], colonyname: str | None = None) -> dict
             spec[limit] = -1
     if colonyname is not None:
         spec["conditions"] = {**spec["conditions"], "colonyname": colonyname}
+        # Idempotency keys dedupe single submits; a workflow has no single process to return.
+        if "idempotencykey" in spec:
+            raise BadRequest("idempotencykey applies to single submits, not to workflow specs")
+    # Concurrency limits: a limit needs a key (a key alone is a mutex, limit 1).
+    if "concurrencylimit" in spec and "concurrencykey" not in spec:
+        raise BadRequest("concurrencylimit needs a concurrencykey (the key the limit counts)")
     return spec
 
 
@@ -57,17 +64,20 @@ def new_process(
     processgraphid: str = "",
     parents: list[str] | None = None,
     children: list[str] | None = None,
+    initiatorname: str = "",
 ) -> Process:
     """A WAITING process (not yet added to the state) with the next sequence number. A
     process with parents waits for them and gets its wait deadline when they have all
-    succeeded; any other starts waiting now. spec.env becomes ENV attributes."""
+    succeeded; any other starts waiting now. spec.env becomes ENV attributes.
+    `initiatorname` is for initiators that may be gone (a generator's or cron's creator);
+    by default it is the initiating executor's name."""
     waits = bool(parents)
     p = Process(
         processid=pid,
         seq=st.next_seq,
         spec=spec,
         initiatorid=initiatorid,
-        initiatorname=st.executors[initiatorid].executorname,
+        initiatorname=initiatorname or st.executors[initiatorid].executorname,
         submissiontime=now,
         prioritytime=priority_time(now, spec["priority"]),
         waitdeadline=0 if waits else deadline_after(now, spec["maxwaittime"]),
@@ -95,10 +105,11 @@ def new_process(
 def assign_next(st: ColonyState, ex: Executor, now: int) -> Process | None:
     """Give `ex` the first matching WAITING process, or None. Marks the executor alive."""
     ex.lastheardfromtime = now
-    key = st.queue.peek(ex.colonyname, ex.executortype, ex.executorname)
-    if key is None:
+    if ex.colonyname in st.paused:  # pause_ops: a paused colony hands out nothing
         return None
-    p = st.processes[key[2]]
+    p = _next_within_limits(st, ex, now)
+    if p is None:
+        return None
     st.transition(
         p,
         Event.ASSIGN,
@@ -113,6 +124,20 @@ def assign_next(st: ColonyState, ex: Executor, now: int) -> Process | None:
         now,
     )
     return p
+
+
+def _next_within_limits(st: ColonyState, ex: Executor, now: int) -> Process | None:
+    """The queue's head for `ex`, parking on the way every head whose concurrency key is at
+    its limit (consensus/concurrency.py: each is parked once until a slot frees up)."""
+    while True:
+        key = st.queue.peek(ex.colonyname, ex.executortype, ex.executorname)
+        if key is None:
+            return None
+        p = st.processes[key[2]]
+        ckey = p.spec.get("concurrencykey")
+        if ckey is None or st.concurrency.running(p.colonyname, ckey) < limit_of(p.spec):
+            return p
+        st.update(p, {"parked": True}, now)
 
 
 def check_current_attempt(p: Process, attempt: int) -> None:
@@ -144,10 +169,27 @@ def close(
         if out:  # as Colonies: an empty out leaves the output alone
             changes["out"] = list(out)
         st.transition(p, Event.CLOSE_SUCCESS, changes, now)
+        function_ops.record_success(st, p, now)  # the function's run statistics
         graphs.member_succeeded(st, p, now)
+    elif retries_after_failure(p):
+        requeue(st, p, now, Event.CLOSE_FAILED_RETRY, errors)
     else:
         st.transition(p, Event.CLOSE_FAILED, {"endtime": now, "errors": list(errors)}, now)
         graphs.member_failed(st, p, now)
+
+
+def retries_after_failure(p: Process) -> bool:
+    """Retries with backoff: does a failed close of `p` go back to the queue?
+
+    Only for a spec with a `backoff` (the retry policy): Colonies fails a process on its
+    first failed close whatever its maxretries, and specs written for it keep that. With a
+    backoff, maxretries counts failed closes and exec timeouts together, as Celery and
+    Temporal users expect: -1 retries without limit (Temporal's default), n allows n
+    retries, so n + 1 attempts in all."""
+    if "backoff" not in p.spec:
+        return False
+    maxretries = p.spec["maxretries"]
+    return maxretries == -1 or p.retries < maxretries
 
 
 def cancel(st: ColonyState, p: Process, now: int) -> None:
@@ -161,8 +203,11 @@ def cancel(st: ColonyState, p: Process, now: int) -> None:
     st.transition(p, Event.CANCEL, {"endtime": now}, now)
 
 
-def requeue(st: ColonyState, p: Process, now: int, event: Event) -> None:
-    """Put a RUNNING process back in the queue; only an exec timeout counts a retry.
+def requeue(
+    st: ColonyState, p: Process, now: int, event: Event, errors: list[str] | None = None
+) -> None:
+    """Put a RUNNING process back in the queue; only an exec timeout or a stale executor
+    (consensus/liveness.py) counts a retry.
 
     The old attempt stays the process's number but is no longer RUNNING, so its close is
     refused. The wait deadline restarts (as Colonies HEAD), else a process that waited long
@@ -175,9 +220,21 @@ def requeue(st: ColonyState, p: Process, now: int, event: Event) -> None:
         "endtime": now,  # as Colonies: marks the end of the abandoned attempt
         "waitdeadline": deadline_after(now, p.spec["maxwaittime"]),
     }
-    if event is Event.EXEC_TIMEOUT_REQUEUE:
+    if event in (Event.EXEC_TIMEOUT_REQUEUE, Event.EXECUTOR_STALE_REQUEUE):
         changes["retries"] = p.retries + 1
+    # Retries with backoff: a failed close with retries left counts a retry and keeps the
+    # attempt's errors; a counted retry waits out its delay before it is assignable, and
+    # its wait deadline starts when the delay ends.
+    if event is Event.CLOSE_FAILED_RETRY:
+        changes["retries"] = p.retries + 1
+        changes["errors"] = list(errors or [])
+    until = backoff.backoff_until(p, now) if "retries" in changes else 0
+    if until:
+        changes["backoffuntil"] = until
+        changes["waitdeadline"] = deadline_after(until, p.spec["maxwaittime"])
     st.transition(p, event, changes, now)
+    if until:
+        st.timers.set(backoff.timer_key(p.processid), until, backoff.KIND)
 
 
 def expire_due(st: ColonyState, now: int) -> dict[str, list[str]]:

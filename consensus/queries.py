@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from consensus import workflows
+from consensus import (  # Beyond Colonies
+    function_ops,
+    log_ops,
+    pause_ops,
+    retention,
+    subscriptions,
+    workflows,
+)
+from consensus.crons import READS as CRON_READS
+from consensus.generators import READS as GENERATOR_READS
 from consensus.listing import ALL_STATES
 from consensus.request import Request
 from consensus.state import ColonyState
@@ -69,4 +78,14 @@ READS: dict[str, Query] = {
     "getprocessesmsg": get_processes,
     "getattributemsg": get_attribute,
     **workflows.READS,
+    # Generators and crons.
+    **GENERATOR_READS,
+    **CRON_READS,
+    # Logs, functions, pause.
+    **log_ops.READS,
+    **function_ops.READS,
+    **pause_ops.READS,
+    # Beyond Colonies: retention and export, subscriptions (long-polled by the node).
+    **retention.READS,
+    **subscriptions.READS,
 }

@@ -60,6 +60,9 @@ class Executor:
     state: int
     commissiontime: int
     lastheardfromtime: int = 0
+    # Set when it was not heard from for its colony's stale-after (consensus/liveness.py),
+    # cleared when it calls in again.
+    stale: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -70,6 +73,7 @@ class Executor:
             "state": self.state,
             "commissiontime": self.commissiontime,
             "lastheardfromtime": self.lastheardfromtime,
+            "stale": self.stale,
         }
 
     @classmethod
@@ -82,6 +86,7 @@ class Executor:
             state=d["state"],
             commissiontime=d["commissiontime"],
             lastheardfromtime=d["lastheardfromtime"],
+            stale=bool(d.get("stale", False)),  # absent before format 3's liveness
         )
 
 
@@ -156,6 +161,13 @@ class Process:
     parents: list[str] = field(default_factory=list)
     children: list[str] = field(default_factory=list)
     waitforparents: bool = False
+    # Retries with backoff, concurrency limits (consensus/backoff.py, concurrency.py).
+    # `backoffuntil` (ns, 0 = none): a requeued process waits out its backoff before it is
+    # assignable (shown on the wire). `parked`: its concurrency key was at its limit when
+    # assign met it, so it waits in the key's parked list, not in the assign queue (an
+    # internal index detail: in snapshots, not on the wire).
+    backoffuntil: int = 0
+    parked: bool = False
 
     @property
     def colonyname(self) -> str:
@@ -199,11 +211,13 @@ class Process:
             "parents": self.parents,
             "children": self.children,
             "processgraphid": self.processgraphid,
+            "backoffuntil": self.backoffuntil,  # retries with backoff
         }
 
     def to_snapshot(self) -> dict[str, Any]:
         d = self.to_wire()
         d["seq"] = self.seq
+        d["parked"] = self.parked  # concurrency limits
         return d
 
     @classmethod
@@ -234,6 +248,9 @@ class Process:
             parents=list(d.get("parents", [])),
             children=list(d.get("children", [])),
             waitforparents=bool(d.get("waitforparents", False)),
+            # Retries with backoff, concurrency limits: absent before format 3.
+            backoffuntil=d.get("backoffuntil", 0),
+            parked=bool(d.get("parked", False)),
         )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consensus.state import ColonyState
-from protocol.errors import AccessDenied, UnknownMessageType
+from protocol.errors import AccessDenied, NotFound, UnknownMessageType
 from protocol.messages import APPROVED
 
 Body = dict[str, Any]
@@ -61,6 +61,27 @@ def workflow_colony(st: ColonyState, body: Body) -> str:
 
 def graph_colony(st: ColonyState, body: Body) -> str:
     return st.graph(body["processgraphid"]).colonyname
+
+
+# Generators and crons.
+
+
+def generator_colony(st: ColonyState, body: Body) -> str:
+    g = st.generators.get(body["generatorid"])
+    if g is None:
+        raise NotFound(f"generator {body['generatorid']} not found")
+    return g.colonyname
+
+
+def cron_colony(st: ColonyState, body: Body) -> str:
+    c = st.crons.get(body["cronid"])
+    if c is None:
+        raise NotFound(f"cron {body['cronid']} not found")
+    return c.colonyname
+
+
+def new_schedule_colony(field: str) -> ColonyOf:
+    return lambda st, body: st.colony(body[field]["colonyname"]).name
 
 
 def process_id(body: Body) -> str:
@@ -138,6 +159,47 @@ def assigned(process_of: Callable[[Body], str]) -> Rule:
     return Rule("M✓+A", check)
 
 
+# Logs, functions, pause, executor liveness.
+
+
+def function_colony(st: ColonyState, body: Body) -> str:
+    return st.colony(body["fun"]["colonyname"]).name
+
+
+def self_executor(ref_of: Callable[[Body], Body]) -> Rule:
+    """SELF: the executor the body names (colonyname, executorname) must be the caller."""
+
+    def check(st: ColonyState, caller: str, body: Body) -> None:
+        ref = ref_of(body)
+        ex = st.executor_named(ref["colonyname"], ref["executorname"])
+        if ex.executorid != caller:
+            raise AccessDenied(
+                f"access denied: the caller is not executor '{ex.executorname}' "
+                "(an executor registers only its own functions)"
+            )
+
+    return Rule("SELF", check)
+
+
+def function_owner() -> Rule:
+    """M✓ of the function's colony, and the executor that registered it."""
+
+    def check(st: ColonyState, caller: str, body: Body) -> None:
+        f = st.functions.get(body["functionid"])
+        if f is None:
+            raise NotFound(f"function {body['functionid']} not found")
+        if not is_member(st, caller, f.colonyname, approved=True):
+            raise AccessDenied(
+                f"access denied: the caller is not an approved member of colony '{f.colonyname}'"
+            )
+        if f.executorid != caller:
+            raise AccessDenied(
+                f"access denied: function {f.functionid} belongs to executor '{f.executorname}'"
+            )
+
+    return Rule("M✓+SELF", check)
+
+
 def all_of(*rules: Rule) -> Rule:
     def check(st: ColonyState, caller: str, body: Body) -> None:
         for r in rules:
@@ -187,6 +249,38 @@ RULES: dict[str, Rule] = {
     "cancelprocessgraphmsg": member(graph_colony, approved=True),
     # Only the executor running the parent extends the graph from it.
     "addchildmsg": assigned(parent_process_id),
+    # Generators and crons: any approved member of the colony, as in Colonies.
+    "addgeneratormsg": member(new_schedule_colony("generator"), approved=True),
+    "getgeneratormsg": member(generator_colony, approved=True),
+    "getgeneratorsmsg": member(named_colony("colonyname"), approved=True),
+    "removegeneratormsg": member(generator_colony, approved=True),
+    "packgeneratormsg": member(generator_colony, approved=True),
+    "addcronmsg": member(new_schedule_colony("cron"), approved=True),
+    "getcronmsg": member(cron_colony, approved=True),
+    "getcronsmsg": member(named_colony("colonyname"), approved=True),
+    "removecronmsg": member(cron_colony, approved=True),
+    "runcronmsg": member(cron_colony, approved=True),
+    # Logs, functions, pause, executor liveness.
+    "addlogmsg": assigned(process_id),
+    "getlogsmsg": member(process_colony, approved=True),
+    "addfunctionmsg": all_of(
+        member(function_colony, approved=True), self_executor(lambda b: b["fun"])
+    ),
+    "removefunctionmsg": function_owner(),
+    "getfunctionsmsg": member(named_colony("colonyname"), approved=True),
+    "pauseassignmentsmsg": colony_owner(named_colony("colonyname")),
+    "resumeassignmentsmsg": colony_owner(named_colony("colonyname")),
+    "getpausestatusmsg": member(named_colony("colonyname"), approved=False, or_owner=True),
+    # Any executor of the colony, approved or not, may say it is alive.
+    "executorheartbeatmsg": member(named_colony("colonyname"), approved=False),
+    "setexecutorstaleaftermsg": colony_owner(named_colony("colonyname")),
+    # Beyond Colonies: retention (the owner sets it, members and the owner read and export
+    # the history), subscriptions (like the reads they wait on, plus the owner).
+    "setretentionmsg": colony_owner(named_colony("colonyname")),
+    "getretentionmsg": member(named_colony("colonyname"), approved=True, or_owner=True),
+    "exportprocessesmsg": member(named_colony("colonyname"), approved=True, or_owner=True),
+    "waitprocessmsg": member(process_colony, approved=True, or_owner=True),
+    "followprocessesmsg": member(named_colony("colonyname"), approved=True, or_owner=True),
 }
 
 

@@ -20,17 +20,27 @@ from __future__ import annotations
 from typing import Any
 
 from consensus.assign_queue import AssignQueue
+from consensus.concurrency import ConcurrencyIndex
 from consensus.deadlines import EXEC, WAIT, DeadlineIndex
+from consensus.finished import FinishedIndex
+from consensus.function_record import Function
+from consensus.idempotency import IdempotencyBook
 from consensus.lifecycle import Event, next_state
 from consensus.listing import ALL_STATES, ProcessListing
 from consensus.nonces import NonceBook
+from consensus.process_log import ProcessLog
 from consensus.records import Attribute, Colony, Executor, Process, ProcessGraph, graph_state
+from consensus.schedule_records import Cron, Generator, Registry
 from protocol.errors import InternalError, NotFound
 from protocol.messages import CANCELLED, FAILED, FINISHED_STATES, RUNNING, SUCCESS, WAITING
 
 # 2 added process graphs and the processes' workflow fields; format 1 snapshots (no
 # workflows) still load. 3 added the timers (consensus/timers.py) and the sections of the
-# features that use them; every section added since 2 is optional when reading.
+# features that use them; every section added since 2 is optional when reading. Format 3
+# also carries process logs, functions, paused colonies, per-colony stale-after and the
+# executors' stale mark (all optional on read). Beyond Colonies adds the idempotency keys,
+# retention per colony and the processes' backoffuntil and parked fields (optional too).
+# Generators (with their queued arguments) and crons: sections of format 3, optional too.
 SNAPSHOT_FORMAT = 3
 READABLE_SNAPSHOT_FORMATS = (1, 2, 3)
 
@@ -51,6 +61,8 @@ _MUTABLE = frozenset(
         "waitforparents",
         "parents",
         "children",
+        "backoffuntil",  # retries with backoff
+        "parked",  # concurrency limits
     }
 )
 
@@ -89,6 +101,22 @@ class ColonyState:
         self.listing = ProcessListing()
         self.running_by_executor: dict[str, dict[str, None]] = {}
         self.nonces = NonceBook()
+        # Generators and crons (generators.py, crons.py); their timers are in `timers`.
+        self.generators: Registry[Generator] = Registry()
+        self.crons: Registry[Cron] = Registry()
+        # Beyond Colonies (backoff.py, idempotency.py, concurrency.py, retention.py).
+        self.idempotency = IdempotencyBook()
+        self.concurrency = ConcurrencyIndex()  # derived from the processes
+        self.retention: dict[str, int] = {}  # colony -> seconds; absent = keep forever
+        self.finished = FinishedIndex()  # derived: what retention may remove, by end time
+        # Logs, functions, pause, executor liveness (log_ops, function_ops, pause_ops,
+        # liveness). Dicts used as ordered sets: iteration order is insertion order, the same
+        # on every replica, and snapshots sort them anyway.
+        self.logs: dict[str, ProcessLog] = {}  # by processid; goes with its process
+        self.functions: dict[str, Function] = {}  # by functionid
+        self.executor_functions: dict[str, dict[str, str]] = {}  # eid -> funcname -> fid
+        self.paused: dict[str, None] = {}  # colonies whose assignment is paused
+        self.stale_after: dict[str, int] = {}  # colony -> seconds; absent = staleness off
 
     # Lookups that answer 404 with a message a person can act on.
 
@@ -141,6 +169,11 @@ class ColonyState:
         for eid in list(self.colony_executors[name].values()):
             self.remove_executor(self.executors[eid])
         del self.colony_executors[name]
+        self.generators.remove_colony(name, self.timers.clear)
+        self.crons.remove_colony(name, self.timers.clear)
+        self.paused.pop(name, None)
+        self.stale_after.pop(name, None)
+        self.retention.pop(name, None)  # retention: its sweep timer then finds nothing
         del self.colony_by_owner[colony.colonyid]
         del self.colonies[name]
 
@@ -152,12 +185,26 @@ class ColonyState:
         """Drop the record. Its running processes must have been requeued (or removed)."""
         if self.running_by_executor.get(executor.executorid):
             raise InternalError("executor still has running processes")
+        for fid in self.executor_functions.pop(executor.executorid, {}).values():
+            del self.functions[fid]  # as Colonies: its functions go with it
+        self.timers.clear(f"stale:{executor.executorid}")
         del self.colony_executors[executor.colonyname][executor.executorname]
         del self.executors[executor.executorid]
 
     def running_of(self, executorid: str) -> list[str]:
         """The ids of the processes this executor runs, sorted (an order every replica shares)."""
         return sorted(self.running_by_executor.get(executorid, ()))
+
+    def add_function(self, f: Function) -> None:
+        self.functions[f.functionid] = f
+        self.executor_functions.setdefault(f.executorid, {})[f.funcname] = f.functionid
+
+    def remove_function(self, f: Function) -> None:
+        mine = self.executor_functions[f.executorid]
+        del mine[f.funcname]
+        if not mine:
+            del self.executor_functions[f.executorid]
+        del self.functions[f.functionid]
 
     # Processes.
 
@@ -168,6 +215,7 @@ class ColonyState:
         self._index(p)
 
     def remove_process(self, p: Process) -> None:
+        self.logs.pop(p.processid, None)  # its log lines go with it
         self._unindex(p)
         for a in p.attributes:
             del self.attributes[a.attributeid]
@@ -187,11 +235,14 @@ class ColonyState:
         for k in changes:
             if k not in _MUTABLE:
                 raise InternalError(f"process field '{k}' cannot change")
+        was_running = p.state == RUNNING
         self._unindex(p)
         p.state = state
         for k, v in changes.items():
             setattr(p, k, v)
         self._index(p)
+        if was_running and state != RUNNING and "concurrencykey" in p.spec:
+            self._release_parked(p.colonyname, p.spec["concurrencykey"], now)
         if p.processgraphid:
             self.refresh_graph(self.graphs[p.processgraphid], now)
 
@@ -201,12 +252,14 @@ class ColonyState:
     def add_graph(self, g: ProcessGraph) -> None:
         self.graphs[g.processgraphid] = g
         self.graph_listing.add(g.colonyname, g.state, "", g.seq, g.processgraphid)
+        self._index_finished_graph(g, True)
 
     def remove_graph(self, g: ProcessGraph) -> None:
         """Remove a graph and all its processes."""
         for pid in g.processids:
             self.remove_process(self.processes[pid])
         self.graph_listing.remove(g.colonyname, g.state, "", g.seq)
+        self._index_finished_graph(g, False)
         del self.graphs[g.processgraphid]
 
     def refresh_graph(self, g: ProcessGraph, now: int) -> None:
@@ -217,12 +270,14 @@ class ColonyState:
         if state == g.state:
             return
         self.graph_listing.remove(g.colonyname, g.state, "", g.seq)
+        self._index_finished_graph(g, False)
         g.state = state
         if state == RUNNING and g.starttime == 0:
             g.starttime = now
         if state in FINISHED_STATES:
             g.endtime = now
         self.graph_listing.add(g.colonyname, g.state, "", g.seq, g.processgraphid)
+        self._index_finished_graph(g, True)
 
     def add_attribute(self, p: Process, a: Attribute) -> None:
         p.attributes.append(a)
@@ -237,13 +292,14 @@ class ColonyState:
             # A workflow member waiting for its parents is neither assignable nor on a wait
             # deadline: its wait starts when it becomes ready (semantics quirk #9, decided).
             if not p.waitforparents:
-                self.queue.add(p.colonyname, p.executortype, p.target_names, p.queue_key)
+                self._enqueue(p)
                 if p.waitdeadline > 0:
                     self.deadlines.set(pid, p.waitdeadline, WAIT)
         elif p.state == RUNNING:
             if p.execdeadline > 0:
                 self.deadlines.set(pid, p.execdeadline, EXEC)
             self.running_by_executor.setdefault(p.assignedexecutorid, {})[pid] = None
+        self._index_beyond(p, True)
 
     def _unindex(self, p: Process) -> None:
         pid = p.processid
@@ -253,12 +309,72 @@ class ColonyState:
         self.deadlines.clear(pid)
         if p.state == WAITING:
             if not p.waitforparents:
-                self.queue.remove(p.colonyname, p.executortype, p.target_names, p.queue_key)
+                self._dequeue(p)
         elif p.state == RUNNING:
             running = self.running_by_executor[p.assignedexecutorid]
             del running[pid]
             if not running:
                 del self.running_by_executor[p.assignedexecutorid]
+        self._index_beyond(p, False)
+
+    # Beyond Colonies: retries with backoff, concurrency limits, retention. A ready WAITING
+    # process is in exactly one place: backing off (only its timer), parked on its
+    # concurrency key, or in the assign queue.
+
+    def _enqueue(self, p: Process) -> None:
+        if p.backoffuntil:
+            return
+        if p.parked:
+            self.concurrency.park(p.colonyname, p.spec["concurrencykey"], p.queue_key)
+        else:
+            self.queue.add(p.colonyname, p.executortype, p.target_names, p.queue_key)
+
+    def _dequeue(self, p: Process) -> None:
+        if p.backoffuntil:
+            return
+        if p.parked:
+            self.concurrency.unpark(p.colonyname, p.spec["concurrencykey"], p.queue_key)
+        else:
+            self.queue.remove(p.colonyname, p.executortype, p.target_names, p.queue_key)
+
+    def _index_beyond(self, p: Process, add: bool) -> None:
+        ckey = p.spec.get("concurrencykey")
+        if ckey is not None and p.state == RUNNING:
+            if add:
+                self.concurrency.started(p.colonyname, ckey)
+            else:
+                self.concurrency.stopped(p.colonyname, ckey)
+        if p.state in FINISHED_STATES and not p.processgraphid:
+            # Workflow members go with their graph, so only the graph is swept.
+            entry = (p.endtime, p.seq, p.processid)
+            if add:
+                self.finished.add(False, p.colonyname, entry)
+            else:
+                self.finished.remove(False, p.colonyname, entry)
+
+    def _index_finished_graph(self, g: ProcessGraph, add: bool) -> None:
+        if g.state in FINISHED_STATES:
+            entry = (g.endtime, g.seq, g.processgraphid)
+            if add:
+                self.finished.add(True, g.colonyname, entry)
+            else:
+                self.finished.remove(True, g.colonyname, entry)
+
+    def _release_parked(self, colony: str, ckey: str, now: int) -> None:
+        """A process of `ckey` stopped running: move the earliest parked processes of the
+        key back into the queue, as many as there are free slots (concurrency.py)."""
+        released = 0
+        while True:
+            head = self.concurrency.first_parked(colony, ckey)
+            if head is None:
+                return
+            q = self.processes[head[2]]
+            if self.concurrency.running(colony, ckey) + released >= q.spec.get(
+                "concurrencylimit", 1
+            ):
+                return
+            self._set(q, q.state, {"parked": False}, now)
+            released += 1
 
     # Statistics: always the listing sizes.
 
@@ -306,6 +422,24 @@ class ColonyState:
             "nonces": self.nonces.to_snapshot(),
             "members": [[pid, self.members[pid]] for pid in sorted(self.members)],
             "timers": [list(e) for e in self.timers.entries()],
+            # Generators and crons, by colony and name (format 3, optional on read).
+            "generators": self.generators.to_snapshot(),
+            "crons": self.crons.to_snapshot(),
+            # Logs, functions, pause, executor liveness (format 3, optional on read).
+            "logs": [self.logs[pid].to_snapshot() for pid in sorted(self.logs)],
+            "functions": [
+                f.to_snapshot()
+                for f in sorted(
+                    self.functions.values(),
+                    key=lambda f: (f.colonyname, f.executorname, f.funcname),
+                )
+            ],
+            "pausedcolonies": sorted(self.paused),
+            "staleafter": [[c, self.stale_after[c]] for c in sorted(self.stale_after)],
+            # Beyond Colonies (format 3, optional on read): idempotency keys by first submit
+            # time, retention per colony. Backoff and parking live in the processes' fields.
+            "idempotencykeys": self.idempotency.to_snapshot(),
+            "retention": [[c, self.retention[c]] for c in sorted(self.retention)],
         }
 
     @classmethod
@@ -332,4 +466,16 @@ class ColonyState:
         st.members = {pid: addr for pid, addr in data.get("members", [])}
         for at, key, kind in data.get("timers", []):
             st.timers.set(key, at, kind)
+        for d in data.get("generators", []):
+            st.generators.add(Generator.from_snapshot(d))
+        for d in data.get("crons", []):
+            st.crons.add(Cron.from_snapshot(d))
+        for d in data.get("logs", []):
+            st.logs[d["processid"]] = ProcessLog.from_snapshot(d)
+        for d in data.get("functions", []):
+            st.add_function(Function.from_snapshot(d))
+        st.paused = dict.fromkeys(data.get("pausedcolonies", []))
+        st.stale_after = {c: s for c, s in data.get("staleafter", [])}
+        st.idempotency = IdempotencyBook.from_snapshot(data.get("idempotencykeys", []))
+        st.retention = {c: s for c, s in data.get("retention", [])}
         return st

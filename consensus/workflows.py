@@ -50,7 +50,27 @@ def submit_workflow(st: ColonyState, req: Request, now: int) -> Any:
     gid = _generated_id(req, "a workflow submit")
     colony = req.body["spec"]["colonyname"]  # the role rule checked it exists
     specs = [normalized_spec(s, colony) for s in req.body["spec"]["functionspecs"]]
-    parents = graphs.validate_workflow(specs)  # refuses before anything is stored
+    return create_graph(st, gid, colony, specs, req.caller, now).to_wire()
+
+
+def create_graph(
+    st: ColonyState,
+    gid: str,
+    colony: str,
+    specs: list[dict[str, Any]],
+    initiatorid: str,
+    now: int,
+    *,
+    initiatorname: str = "",
+    root_args: list[Any] | None = None,
+    root_inputs: list[Any] | None = None,
+) -> ProcessGraph:
+    """Validate normalized workflow specs and add them as graph `gid`; refuses (400) before
+    anything is stored. Generators and crons start their runs here too: `root_args`
+    replaces the roots' spec args (a generator's batch; kwargs are kept, unlike Colonies'
+    quirk 15), `root_inputs` becomes the roots' `in` (a cron's previous output).
+    `initiatorname` names an initiator that may no longer be an executor."""
+    parents = graphs.validate_workflow(specs)
     pids = [graphs.member_id(gid, i) for i in range(len(specs))]
     if gid in st.graphs or any(pid in st.processes for pid in pids):
         raise BadRequest(f"process graph id {gid} (or one of its process ids) is already in use")
@@ -58,12 +78,13 @@ def submit_workflow(st: ColonyState, req: Request, now: int) -> Any:
     for i, mine in enumerate(parents):
         for j in mine:
             children[j].append(i)
+    initiatorname = initiatorname or st.executors[initiatorid].executorname
     g = ProcessGraph(
         processgraphid=gid,
         seq=st.next_seq,
         colonyname=colony,
-        initiatorid=req.caller,
-        initiatorname=st.executors[req.caller].executorname,
+        initiatorid=initiatorid,
+        initiatorname=initiatorname,
         submissiontime=now,
         rootprocessids=[pids[i] for i, mine in enumerate(parents) if not mine],
         processids=list(pids),
@@ -71,20 +92,26 @@ def submit_workflow(st: ColonyState, req: Request, now: int) -> Any:
     st.next_seq += 1
     st.add_graph(g)
     for i, spec in enumerate(specs):
+        root = not parents[i]
+        if root and root_args is not None:
+            spec = {**spec, "args": list(root_args)}
         p = new_process(
             st,
             pids[i],
             spec,
-            req.caller,
+            initiatorid,
             now,
             processgraphid=gid,
             parents=[pids[j] for j in parents[i]],
             children=[pids[k] for k in children[i]],
+            initiatorname=initiatorname,
         )
+        if root and root_inputs:
+            p.inputs = list(root_inputs)  # not yet in the state: no index holds it
         st.add_process(p)
     st.refresh_graph(g, now)
     st.applied_changes += 1  # its roots are assignable
-    return g.to_wire()
+    return g
 
 
 def remove_process_graph(st: ColonyState, req: Request, now: int) -> Any:

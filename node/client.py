@@ -10,6 +10,7 @@ over the same stream, which is how several executors in one process share a conn
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,9 +25,12 @@ from protocol.envelope import seal
 from protocol.errors import BadRequest, ColoniesError, RequestTimeout, Unavailable
 from protocol.identity import PrivateKey
 from protocol.messages import (
+    BEYOND_SPEC_FIELDS,
     CANCELLED,
     FAILED,
     FINISHED_STATES,
+    MAX_LOG_COUNT,
+    MAX_SUBSCRIBE_TIMEOUT_S,
     MESSAGES,
     RUNNING,
     SUCCESS,
@@ -267,9 +271,19 @@ class Client:
         maxretries: int = -1,
         env: dict[str, str] | None = None,
         label: str = "",
+        **beyond: Any,  # noqa: ANN401 - optional spec fields, below
     ) -> dict:
+        """Submit a function call. Optional spec fields beyond Colonies, sent only when
+        given: backoff={"initial": s, "multiplier": m, "max": s, "jitter": 0..1} (retries
+        wait, and a failed close retries while maxretries allows), idempotencykey="..." (a
+        second submit with it within 24 h returns the first process), concurrencykey="..."
+        with concurrencylimit=n (at most n running at once in the colony)."""
+        unknown = set(beyond) - BEYOND_SPEC_FIELDS.keys()
+        if unknown:
+            raise TypeError(f"submit() got unexpected keyword arguments {sorted(unknown)}")
         return await self.submit_spec(
             {
+                **{k: v for k, v in beyond.items() if v is not None},
                 "funcname": funcname,
                 "args": list(args or []),
                 "kwargs": dict(kwargs or {}),
@@ -444,6 +458,77 @@ class Client:
                 await trio.sleep(poll)
                 poll = min(poll * 1.5, 0.5)
 
+    # Generators and crons.
+    async def add_generator(
+        self,
+        colonyname: str,
+        name: str,
+        functionspecs: list[dict],
+        trigger: int,
+        timeout: int = -1,
+    ) -> dict:
+        """A generator: every `trigger` packed arguments start one run of the workflow
+        (`functionspecs`, as for submit_workflow) whose roots get them as args; with
+        `timeout` > 0 seconds, a partial batch runs that long after its first argument."""
+        generator = {
+            "colonyname": colonyname,
+            "name": name,
+            "workflowspec": {"colonyname": colonyname, "functionspecs": list(functionspecs)},
+            "trigger": trigger,
+            "timeout": timeout,
+        }
+        return await self.call("addgeneratormsg", {"generator": generator})
+
+    async def pack_generator(self, generator_id: str, arg: Any) -> dict:  # noqa: ANN401
+        """Queue one argument (any msgpack value); returns {queuesize, processgraphid}, the
+        latter the run it completed ("" if the batch is not complete yet)."""
+        return await self.call("packgeneratormsg", {"generatorid": generator_id, "arg": arg})
+
+    async def generator(self, generator_id: str) -> dict:
+        return await self.call("getgeneratormsg", {"generatorid": generator_id})
+
+    async def generators(self, colonyname: str, count: int = 100) -> list[dict]:
+        return await self.call("getgeneratorsmsg", {"colonyname": colonyname, "count": count})
+
+    async def remove_generator(self, generator_id: str) -> None:
+        await self.call("removegeneratormsg", {"generatorid": generator_id})
+
+    async def add_cron(
+        self,
+        colonyname: str,
+        name: str,
+        functionspecs: list[dict],
+        *,
+        cron_expression: str = "",
+        interval: int = -1,
+        wait_for_prev: bool = False,
+    ) -> dict:
+        """A cron: the workflow runs on a 6-field expression with seconds (UTC, e.g.
+        '0/5 * * * * *') or every `interval` seconds; `wait_for_prev` skips a run while the
+        previous one is unfinished. The previous run's leaf outputs are the roots' input."""
+        cron = {
+            "colonyname": colonyname,
+            "name": name,
+            "workflowspec": {"colonyname": colonyname, "functionspecs": list(functionspecs)},
+            "cronexpression": cron_expression,
+            "interval": interval,
+            "waitforprevprocessgraph": wait_for_prev,
+        }
+        return await self.call("addcronmsg", {"cron": cron})
+
+    async def cron(self, cron_id: str) -> dict:
+        return await self.call("getcronmsg", {"cronid": cron_id})
+
+    async def crons(self, colonyname: str, count: int = 100) -> list[dict]:
+        return await self.call("getcronsmsg", {"colonyname": colonyname, "count": count})
+
+    async def run_cron(self, cron_id: str) -> dict:
+        """Start a run now; returns the cron (its prevprocessgraphid is the new run)."""
+        return await self.call("runcronmsg", {"cronid": cron_id})
+
+    async def remove_cron(self, cron_id: str) -> None:
+        await self.call("removecronmsg", {"cronid": cron_id})
+
     # Attributes.
     async def add_attribute(self, process_id: str, key: str, value: str, attributetype: int = 1) -> dict:
         attribute = {"targetid": process_id, "attributetype": attributetype, "key": key, "value": value}
@@ -451,6 +536,178 @@ class Client:
 
     async def attribute(self, attribute_id: str) -> dict:
         return await self.call("getattributemsg", {"attributeid": attribute_id})
+
+    # Logs, functions, pause, executor liveness.
+    async def add_log(self, process_id: str, message: str) -> dict:
+        """Append a line to a running process's log (its assigned executor only); returns
+        the line with its sequence number."""
+        return await self.call("addlogmsg", {"processid": process_id, "message": message})
+
+    async def logs(
+        self,
+        process_id: str,
+        *,
+        count: int = MAX_LOG_COUNT,
+        afterseq: int = 0,
+        since: int = 0,
+        latest: bool = False,
+        timeout: int = 0,
+    ) -> list[dict]:
+        """Up to `count` lines after sequence `afterseq` (and newer than `since`, unix ns),
+        oldest first; `latest`: the newest `count`. With `timeout` > 0 the node waits up to
+        that many seconds for a line when there is none yet."""
+        body = {
+            "processid": process_id,
+            "count": count,
+            "afterseq": afterseq,
+            "since": since,
+            "latest": latest,
+            "timeout": timeout,
+        }
+        return await self.call("getlogsmsg", body, timeout=timeout + self.timeout)
+
+    async def follow_logs(
+        self, process_id: str, *, afterseq: int = 0, wait: int = 10
+    ) -> AsyncIterator[dict]:
+        """Every line after `afterseq` as it is written, until the process has finished
+        and its last line was read. Each wait for a line is a long-poll of `wait` seconds,
+        answered by the node when it applies one (no polling)."""
+        cursor = afterseq
+        while True:
+            lines = await self.logs(process_id, afterseq=cursor, timeout=wait)
+            for line in lines:
+                cursor = line["seq"]
+                yield line
+            if lines:
+                continue
+            if (await self.process(process_id))["state"] not in FINISHED_STATES:
+                continue
+            # Finished: lines applied between the empty answer and that read are the last.
+            while lines := await self.logs(process_id, afterseq=cursor):
+                for line in lines:
+                    cursor = line["seq"]
+                    yield line
+            return
+
+    async def add_function(
+        self,
+        colonyname: str,
+        executorname: str,
+        funcname: str,
+        *,
+        description: str = "",
+        args: list | None = None,
+    ) -> dict:
+        """Register a function this client's key (the executor `executorname`) serves;
+        registering it again updates it."""
+        fun = {
+            "colonyname": colonyname,
+            "executorname": executorname,
+            "funcname": funcname,
+            "description": description,
+            "args": list(args or []),
+        }
+        return await self.call("addfunctionmsg", {"fun": fun})
+
+    async def remove_function(self, function_id: str) -> None:
+        await self.call("removefunctionmsg", {"functionid": function_id})
+
+    async def functions(self, colonyname: str, executorname: str = "") -> list[dict]:
+        """The colony's functions, or one executor's."""
+        body = {"colonyname": colonyname, "executorname": executorname}
+        return await self.call("getfunctionsmsg", body)
+
+    async def pause_assignments(self, colonyname: str) -> None:
+        """Stop handing out processes in the colony (colony owner); submits still queue."""
+        await self.call("pauseassignmentsmsg", {"colonyname": colonyname})
+
+    async def resume_assignments(self, colonyname: str) -> None:
+        await self.call("resumeassignmentsmsg", {"colonyname": colonyname})
+
+    async def pause_status(self, colonyname: str) -> dict:
+        """{colonyname, ispaused, staleafter}."""
+        return await self.call("getpausestatusmsg", {"colonyname": colonyname})
+
+    async def heartbeat(self, colonyname: str) -> dict:
+        """Tell the colony this executor is alive; returns {staleafter} (0: staleness off)."""
+        return await self.call("executorheartbeatmsg", {"colonyname": colonyname})
+
+    async def set_stale_after(self, colonyname: str, seconds: int) -> dict:
+        """Colony owner: executors not heard from for `seconds` go stale and their running
+        processes return to the queue (0 turns it off)."""
+        body = {"colonyname": colonyname, "staleafter": seconds}
+        return await self.call("setexecutorstaleaftermsg", body)
+
+    # Beyond Colonies: subscriptions, retention and export. (Retries with backoff,
+    # idempotency keys and concurrency limits are spec fields: see `submit`.)
+    async def wait_for_process(
+        self, process_id: str, state: int = SUCCESS, timeout: float = 60
+    ) -> dict:
+        """The process once it is in `state` (-1: any finished state), pushed by the node
+        when it applies the change (no polling). RequestTimeout (408) after `timeout` s;
+        BadRequest (400) at once when it finished in another state, so it never will be."""
+        deadline = trio.current_time() + timeout
+        while True:
+            # One call waits at most MAX_SUBSCRIBE_TIMEOUT_S; longer waits take several.
+            left = max(0.0, deadline - trio.current_time())
+            chunk = MAX_SUBSCRIBE_TIMEOUT_S if left > MAX_SUBSCRIBE_TIMEOUT_S else math.ceil(left)
+            body = {"processid": process_id, "state": state, "timeout": chunk}
+            try:
+                return await self.call("waitprocessmsg", body, timeout=chunk + self.timeout)
+            except RequestTimeout:
+                if trio.current_time() >= deadline:
+                    raise
+
+    async def follow_processes(
+        self,
+        colonyname: str,
+        executortype: str = "",
+        *,
+        afterseq: int = -1,
+        wait: int = 30,
+        count: int = 100,
+    ) -> AsyncIterator[dict]:
+        """Every process submitted to the colony (of `executortype`, "" = any) after the
+        cursor `afterseq` (a submission sequence number; -1: from now on), in submission
+        order, as the node applies them. Runs until the caller stops iterating; each wait
+        is a long-poll of up to `wait` seconds."""
+        cursor = afterseq
+        while True:
+            body = {
+                "colonyname": colonyname,
+                "executortype": executortype,
+                "afterseq": cursor,
+                "count": count,
+                "timeout": wait,
+            }
+            page = await self.call("followprocessesmsg", body, timeout=wait + self.timeout)
+            cursor = page["cursor"]
+            for p in page["processes"]:
+                yield p
+
+    async def set_retention(self, colonyname: str, seconds: int) -> dict:
+        """Colony owner: remove finished processes and workflows `seconds` after they ended
+        (0: keep them forever, the default). Export what you want to keep before then."""
+        return await self.call("setretentionmsg", {"colonyname": colonyname, "seconds": seconds})
+
+    async def retention(self, colonyname: str) -> int:
+        """The colony's retention in seconds (0: off)."""
+        return (await self.call("getretentionmsg", {"colonyname": colonyname}))["seconds"]
+
+    async def export_processes(
+        self, colonyname: str, *, since: int = 0, afterseq: int = 0, count: int = 100
+    ) -> AsyncIterator[dict]:
+        """Every finished process of the colony (workflow members too) in submission order,
+        read a page at a time; `since` (unix ns) keeps those that ended at or after it."""
+        cursor = afterseq
+        while True:
+            body = {"colonyname": colonyname, "since": since, "afterseq": cursor, "count": count}
+            page = await self.call("exportprocessesmsg", body)
+            for p in page["processes"]:
+                yield p
+            cursor = page["cursor"]
+            if not page["more"]:
+                return
 
 
 def _now_ms() -> int:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import trio
 
+from node import subscriptions
+from node.log_follow import follow_logs
 from protocol.envelope import Request
 from protocol.errors import NotFound, RequestTimeout, error_from_wire
 
@@ -60,6 +62,10 @@ class Dispatcher:
                 status, value = await self.log.submit({"op": "barrier"}, DEFAULT_CALL_TIMEOUT_S)
                 if status != 200:
                     raise error_from_wire(status, value)
+            if req.msgtype == "getlogsmsg" and req.body["timeout"] > 0:
+                return await follow_logs(self.log, req)  # a log follower waits for a line
+            if req.msgtype in subscriptions.LONG_POLLS:  # woken by applies on this replica
+                return await subscriptions.serve(self.log, req)
             return self.log.machine.read(req.msgtype, req.caller, req.body, time.time_ns())
         self.log.machine.authorize(req.msgtype, req.caller, req.body)
         if req.msgtype == "assignprocessmsg":

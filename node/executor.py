@@ -24,7 +24,14 @@ it runs (`ctx.process`, `ctx.inputs` = its parents' outputs in a workflow) and
             ctx.add_child({"funcname": "work", "args": [part]})
 
 In a plain function `ctx.add_child` blocks and returns the new process; in an async
-function it returns an awaitable (`await ctx.add_child(...)`).
+function it returns an awaitable (`await ctx.add_child(...)`). `ctx.log("text")` appends a
+line to the process's log (`colonies log get --follow` shows it), the same way.
+
+When it starts, the helper registers its functions in the colony's function registry
+(`colonies function ls`), under its executor name (looked up by its key unless given). It
+calls in with a heartbeat when it made no other write for a third of the colony's
+stale-after (every HEARTBEAT_WHEN_OFF_S when staleness is off), so a live executor, idle or
+busy with a long function, never goes stale (consensus/liveness.py).
 """
 
 from __future__ import annotations
@@ -40,12 +47,20 @@ from typing import Any
 import trio
 
 from node.client import Client
-from protocol.errors import BadRequest, ColoniesError, NotFound, RequestTimeout, Unavailable
+from protocol.errors import (
+    BadRequest,
+    ColoniesError,
+    Forbidden,
+    NotFound,
+    RequestTimeout,
+    Unavailable,
+)
 from protocol.identity import PrivateKey
 
 log = logging.getLogger("colonies.executor")
 
 RECONNECT_DELAY_S = 1.0
+HEARTBEAT_WHEN_OFF_S = 60.0  # keeps lastheardfromtime fresh for `executor ls`
 
 
 def wants_context(fn: Callable[..., Any]) -> bool:
@@ -100,11 +115,22 @@ class ProcessContext:
             insert=insert,
             child_process_id=child_process_id,
         )
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:  # a worker thread (a plain function): block on the trio loop
-            return trio.from_thread.run(call)
-        return call()
+        return _run_here(call)
+
+    def log(self, message: str) -> dict | Coroutine[Any, Any, dict]:
+        """Append a line to this process's log; returns the line (with its `seq`). Blocks in
+        a plain function; returns an awaitable in an async one."""
+        return _run_here(functools.partial(self._client.add_log, self.processid, message))
+
+
+def _run_here(call: Callable[[], Coroutine[Any, Any, dict]]) -> dict | Coroutine[Any, Any, dict]:
+    """Run a client call from a function: block on the trio loop from a worker thread (a
+    plain function), or hand back the coroutine to await (an async function)."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:  # a worker thread (a plain function): block on the trio loop
+        return trio.from_thread.run(call)
+    return call()
 
 
 def as_output(value: Any) -> list:
@@ -125,6 +151,7 @@ class Executor:
         executortype: str,
         poll_timeout: int = 10,
         concurrency: int = 1,
+        executorname: str = "",
     ) -> None:
         self.addr = addr
         self.key = prvkey if isinstance(prvkey, PrivateKey) else PrivateKey.from_hex(prvkey)
@@ -132,11 +159,13 @@ class Executor:
         self.executortype = executortype
         self.poll_timeout = poll_timeout
         self.concurrency = concurrency
+        self.executorname = executorname  # "" = look it up by key when starting
         self.functions: dict[str, Callable[..., Any]] = {}
         self._wants_ctx: dict[Callable[..., Any], bool] = {}  # signature checks, cached
         self.processed = 0
         self._stop = trio.Event()
         self._started = trio.Event()
+        self._last_write = 0.0  # trio time of this executor's last write (liveness)
 
     def function(
         self, fn: Callable[..., Any] | None = None, *, name: str | None = None
@@ -187,12 +216,55 @@ class Executor:
 
     async def _serve(self, client: Client) -> None:
         client = client.with_key(self.key)
+        await self._register_functions(client)
         async with trio.open_nursery() as n:
+            n.start_soon(self._heartbeats, client)
             for _ in range(self.concurrency):
                 n.start_soon(self._loop, client)
             self._started.set()
             await self._stop.wait()
             # Let loops finish their current process; they check _stop between calls.
+
+    async def _register_functions(self, client: Client) -> None:
+        """Register every function in the colony's registry (re-registering updates)."""
+        if not self.functions:
+            return
+        try:
+            if not self.executorname:
+                mine = [e for e in await client.executors(self.colonyname)
+                        if e["executorid"] == self.key.id]
+                if not mine:
+                    raise NotFound(f"this key is not an executor of colony {self.colonyname}")
+                self.executorname = mine[0]["executorname"]
+            for name in sorted(self.functions):
+                doc = inspect.getdoc(self.functions[name]) or ""
+                await client.add_function(
+                    self.colonyname, self.executorname, name,
+                    description=doc.splitlines()[0][:1024] if doc else "",
+                )
+            self._last_write = trio.current_time()
+        except (NotFound, Forbidden, BadRequest) as e:
+            # Serving works without the registry (e.g. not approved yet): say so, go on.
+            log.warning("could not register functions: %s", e)
+
+    async def _heartbeats(self, client: Client) -> None:
+        """Call in when nothing else was written for `interval` (a third of the colony's
+        stale-after, learnt from each heartbeat's reply)."""
+        interval = 0.0  # the first one at once: it tells us the colony's stale-after
+        while not self._stop.is_set():
+            with trio.move_on_at(self._last_write + interval):
+                await self._stop.wait()
+                return
+            if trio.current_time() - self._last_write < interval:
+                continue  # another write called in meanwhile
+            try:
+                reply = await client.heartbeat(self.colonyname)
+                after = reply.get("staleafter", 0)
+                interval = after / 3 if after else HEARTBEAT_WHEN_OFF_S
+            except ColoniesError as e:
+                log.warning("heartbeat failed: %s", e)
+                interval = interval or RECONNECT_DELAY_S
+            self._last_write = trio.current_time()
 
     async def _loop(self, client: Client) -> None:
         process: dict | None = None
@@ -202,6 +274,7 @@ class Executor:
                     process = await client.assign(self.colonyname, timeout=self.poll_timeout)
                 except NotFound:
                     continue
+                self._last_write = trio.current_time()
             ok, out, errors = await self._execute(process, client)
             if self._stop.is_set():
                 await self._close(client, process, ok, out, errors)
@@ -215,6 +288,7 @@ class Executor:
                     errors=errors,
                     timeout=self.poll_timeout,
                 )
+                self._last_write = trio.current_time()
             except ColoniesError as e:
                 # The attempt may have expired (refused close): the process went back to the
                 # queue and another attempt owns it now. Keep serving.

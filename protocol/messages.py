@@ -7,8 +7,11 @@ remembered) or a read (answered from the local replica).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import msgpack
 
 from protocol.errors import UnknownMessageType
 from protocol.schema import (
@@ -62,6 +65,66 @@ EXECUTOR = Schema(
     }
 )
 
+# Beyond Colonies: retries with backoff, idempotency keys, concurrency limits (optional spec
+# fields, left out of the stored spec when absent, so specs that do not use them keep their
+# exact bytes), retention and subscriptions (messages below).
+MAX_BACKOFF_S = 7 * 86_400
+DEFAULT_BACKOFF_MAX_S = 3600
+MAX_BACKOFF_MULTIPLIER = 100
+MAX_IDEMPOTENCY_KEY = 256
+MAX_CONCURRENCY_LIMIT = 100_000
+MAX_RETENTION_S = 10 * 365 * 86_400
+MAX_SUBSCRIBE_TIMEOUT_S = 600
+
+
+def number_between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    """An int or a finite float in [lo, hi] (msgpack carries both; seconds may be 0.5)."""
+
+    def check(v: Any) -> str | None:  # noqa: ANN401 - any decoded value
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+            return "expected a number"
+        return None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+
+    return check
+
+
+def _backoff_bounds(b: dict[str, Any]) -> str | None:
+    if b["max"] < b["initial"]:
+        return f"max ({b['max']:g} s) must be at least initial ({b['initial']:g} s)"
+    return None
+
+
+# Seconds; delay before retry r = min(max, initial * multiplier**r), less up to `jitter` of it
+# (consensus/backoff.py).
+BACKOFF = Schema(
+    {
+        "initial": F("any", True, check=number_between(0.001, MAX_BACKOFF_S)),
+        "multiplier": F("any", default=2, check=number_between(1, MAX_BACKOFF_MULTIPLIER)),
+        "max": F("any", default=DEFAULT_BACKOFF_MAX_S, check=number_between(0.001, MAX_BACKOFF_S)),
+        "jitter": F("any", default=0.5, check=number_between(0, 1)),
+    }
+)
+
+
+def _idempotency_key(v: str) -> str | None:
+    if 1 <= len(v) <= MAX_IDEMPOTENCY_KEY:
+        return None
+    return f"must be 1-{MAX_IDEMPOTENCY_KEY} characters"
+
+
+def retention_seconds(v: int) -> str | None:
+    if 0 <= v <= MAX_RETENTION_S:
+        return None
+    return f"must be 0 (keep forever) or at most {MAX_RETENTION_S} seconds"
+
+
+BEYOND_SPEC_FIELDS = {
+    "backoff": F("obj", omit=True, schema=BACKOFF, check=_backoff_bounds),
+    "idempotencykey": F("str", omit=True, check=_idempotency_key),
+    "concurrencykey": F("str", omit=True, check=name),
+    "concurrencylimit": F("int", omit=True, check=between(1, MAX_CONCURRENCY_LIMIT)),
+}
+
 CONDITIONS = Schema(
     {
         "colonyname": F("str", True, check=name),
@@ -84,6 +147,7 @@ FUNCTION_SPEC = Schema(
         "label": F("str", default=""),
         "conditions": F("obj", True, schema=CONDITIONS),
         "env": F("strmap", default=dict),
+        **BEYOND_SPEC_FIELDS,
     }
 )
 
@@ -124,7 +188,112 @@ _ASSIGN = {
         f"must be at most {MAX_ASSIGN_TIMEOUT_S}" if v > MAX_ASSIGN_TIMEOUT_S else None)),
 }
 _STATE_FILTER = F("int", default=-1, check=between(-1, CANCELLED))
+
+# Logs, functions, pause, executor liveness.
+# A log line is at most MAX_LOG_LINE_BYTES of UTF-8 (longer ones are refused, 400); a process
+# keeps its last MAX_LOG_LINES lines (older ones are dropped, see consensus/log_ops.py).
+MAX_LOG_LINE_BYTES = 4096
+MAX_LOG_LINES = 1000
+MAX_LOG_COUNT = 500  # lines per getlogsmsg reply, as Colonies
+MAX_LOG_WAIT_S = 60
+MAX_FUNCTION_DESCRIPTION = 1024
+MAX_FUNCTION_ARGS = 64
+# Executor staleness, per colony: 0 = off, else seconds in [MIN, MAX].
+MIN_STALE_AFTER_S = 5
+MAX_STALE_AFTER_S = 86_400
+
+
+def log_message(v: str) -> str | None:
+    if len(v.encode("utf-8", "surrogatepass")) > MAX_LOG_LINE_BYTES:
+        return f"longer than {MAX_LOG_LINE_BYTES} bytes (split it into several lines)"
+    return None
+
+
+def stale_after(v: int) -> str | None:
+    if v == 0 or MIN_STALE_AFTER_S <= v <= MAX_STALE_AFTER_S:
+        return None
+    return f"must be 0 (off) or between {MIN_STALE_AFTER_S} and {MAX_STALE_AFTER_S} seconds"
+
+
+def _function_args(v: list) -> str | None:
+    return f"at most {MAX_FUNCTION_ARGS} items" if len(v) > MAX_FUNCTION_ARGS else None
+
+
+FUNCTION = Schema(
+    {
+        "executorname": F("str", True, check=name),
+        "colonyname": F("str", True, check=name),
+        "funcname": F("str", True, check=name),
+        "description": F(
+            "str",
+            default="",
+            check=lambda v: f"longer than {MAX_FUNCTION_DESCRIPTION} characters"
+            if len(v) > MAX_FUNCTION_DESCRIPTION
+            else None,
+        ),
+        "args": F("anylist", default=list, check=_function_args),
+    }
+)
 _GRAPH_REF = {"processgraphid": F("str", True, check=hex64)}
+
+# Generators and crons.
+# A generator's trigger is at most MAX_GENERATOR_QUEUE (its queue holds fewer arguments than
+# its trigger), an argument at most MAX_GENERATOR_ARG_BYTES once msgpack-encoded (the queue's
+# total is bounded in consensus/generators.py), so its record stays small in the replicated
+# state; a colony holds at most MAX_SCHEDULES_PER_COLONY generators and as many crons.
+MAX_GENERATOR_QUEUE = 1_000
+MAX_GENERATOR_ARG_BYTES = 4_096
+MAX_SCHEDULES_PER_COLONY = 1_000
+MAX_CRON_INTERVAL_S = 366 * 86_400
+
+
+def _packed_size(v: Any) -> str | None:
+    if len(msgpack.packb(v)) > MAX_GENERATOR_ARG_BYTES:
+        return f"larger than {MAX_GENERATOR_ARG_BYTES} bytes once encoded"
+    return None
+
+
+def _cron_interval(v: int) -> str | None:
+    if v == -1 or 1 <= v <= MAX_CRON_INTERVAL_S:
+        return None
+    return f"must be -1 (use the cron expression) or 1 to {MAX_CRON_INTERVAL_S} seconds"
+
+
+# A generator's or cron's workflow: its colony is the generator's (or cron's), so it may be
+# left out; the machine checks the graph rules when it is added.
+SCHEDULED_WORKFLOW_SPEC = Schema(
+    {
+        "colonyname": F("str", default="", check=name_or_empty),
+        "functionspecs": F("objlist", True, schema=WORKFLOW_FUNCTION_SPEC),
+    }
+)
+GENERATOR = Schema(
+    {
+        "colonyname": F("str", True, check=name),
+        "name": F("str", True, check=name),
+        "workflowspec": F("obj", True, schema=SCHEDULED_WORKFLOW_SPEC),
+        "trigger": F("int", True, check=between(1, MAX_GENERATOR_QUEUE)),
+        # Seconds a partial batch waits for more arguments before it runs; <= 0: no limit.
+        "timeout": F("int", default=-1, check=at_least(-1)),
+    }
+)
+CRON = Schema(
+    {
+        "colonyname": F("str", True, check=name),
+        "name": F("str", True, check=name),
+        "workflowspec": F("obj", True, schema=SCHEDULED_WORKFLOW_SPEC),
+        # Either an expression (6 fields, seconds first) or an interval in seconds.
+        "cronexpression": F("str", default=""),
+        "interval": F("int", default=-1, check=_cron_interval),
+        "waitforprevprocessgraph": F("bool", default=False),
+    }
+)
+_GENERATOR_REF = {"generatorid": F("str", True, check=hex64)}
+_CRON_REF = {"cronid": F("str", True, check=hex64)}
+_SCHEDULE_LIST = {
+    "colonyname": F("str", True, check=name),
+    "count": F("int", default=MAX_LIST_COUNT, check=between(1, MAX_LIST_COUNT)),
+}
 
 
 @dataclass(frozen=True)
@@ -225,6 +394,21 @@ MESSAGES: dict[str, MessageType] = {
                 "insert": F("bool", default=False),
             },
         ),
+        # Generators and crons.
+        _m("addgeneratormsg", True, {"generator": F("obj", True, schema=GENERATOR)}),
+        _m("getgeneratormsg", False, _GENERATOR_REF),
+        _m("getgeneratorsmsg", False, _SCHEDULE_LIST),
+        _m("removegeneratormsg", True, _GENERATOR_REF),
+        _m(
+            "packgeneratormsg",
+            True,
+            {**_GENERATOR_REF, "arg": F("any", True, check=_packed_size)},
+        ),
+        _m("addcronmsg", True, {"cron": F("obj", True, schema=CRON)}),
+        _m("getcronmsg", False, _CRON_REF),
+        _m("getcronsmsg", False, _SCHEDULE_LIST),
+        _m("removecronmsg", True, _CRON_REF),
+        _m("runcronmsg", True, _CRON_REF),
         # Cluster membership (server owner).
         _m(
             "addmembermsg",
@@ -235,6 +419,78 @@ MESSAGES: dict[str, MessageType] = {
         # Attributes.
         _m("addattributemsg", True, {"attribute": F("obj", True, schema=ATTRIBUTE)}),
         _m("getattributemsg", False, {"attributeid": F("str", True, check=hex64)}),
+        # Logs, functions, pause, executor liveness.
+        _m("addlogmsg", True, {**_PROCESS_REF, "message": F("str", True, check=log_message)}),
+        _m(
+            "getlogsmsg",
+            False,
+            {
+                **_PROCESS_REF,
+                # Optional; when given it must be the process's colony (as Colonies sends it).
+                "colonyname": F("str", default="", check=name_or_empty),
+                "count": F("int", default=MAX_LOG_COUNT, check=between(1, MAX_LOG_COUNT)),
+                # Cursors: lines after this sequence number, and/or newer than this time (ns).
+                "afterseq": F("int", default=0, check=at_least(0)),
+                "since": F("int", default=0, check=at_least(0)),
+                "latest": F("bool", default=False),  # the last `count` lines, not the first
+                # Seconds to wait for a line when there is none yet (0: answer at once).
+                "timeout": F("int", default=0, check=between(0, MAX_LOG_WAIT_S)),
+            },
+        ),
+        _m("addfunctionmsg", True, {"fun": F("obj", True, schema=FUNCTION)}),
+        _m("removefunctionmsg", True, {"functionid": F("str", True, check=hex64)}),
+        _m(
+            "getfunctionsmsg",
+            False,
+            {**_COLONY_NAME, "executorname": F("str", default="", check=name_or_empty)},
+        ),
+        _m("pauseassignmentsmsg", True, _COLONY_NAME),
+        _m("resumeassignmentsmsg", True, _COLONY_NAME),
+        _m("getpausestatusmsg", False, _COLONY_NAME),
+        _m("executorheartbeatmsg", True, _COLONY_NAME),
+        _m(
+            "setexecutorstaleaftermsg",
+            True,
+            {**_COLONY_NAME, "staleafter": F("int", True, check=stale_after)},
+        ),
+        # Beyond Colonies: retention and export (consensus/retention.py), subscriptions
+        # (consensus/subscriptions.py, long-polled by node/subscriptions.py).
+        _m(
+            "setretentionmsg",
+            True,
+            {**_COLONY_NAME, "seconds": F("int", True, check=retention_seconds)},
+        ),
+        _m("getretentionmsg", False, _COLONY_NAME),
+        _m(
+            "exportprocessesmsg",
+            False,
+            {
+                **_COLONY_NAME,
+                "afterseq": F("int", default=0, check=at_least(0)),  # the cursor
+                "since": F("int", default=0, check=at_least(0)),  # ended at or after (ns)
+                "count": F("int", default=MAX_LIST_COUNT, check=between(1, MAX_LIST_COUNT)),
+            },
+        ),
+        _m(
+            "waitprocessmsg",
+            False,
+            {
+                **_PROCESS_REF,
+                "state": F("int", True, check=between(-1, CANCELLED)),  # -1: any finished
+                "timeout": F("int", True, check=between(0, MAX_SUBSCRIBE_TIMEOUT_S)),
+            },
+        ),
+        _m(
+            "followprocessesmsg",
+            False,
+            {
+                **_COLONY_NAME,
+                "executortype": F("str", default="", check=name_or_empty),
+                "afterseq": F("int", default=-1, check=at_least(-1)),  # -1: from now
+                "count": F("int", default=MAX_LIST_COUNT, check=between(1, MAX_LIST_COUNT)),
+                "timeout": F("int", default=0, check=between(0, MAX_SUBSCRIBE_TIMEOUT_S)),
+            },
+        ),
     ]
 }
 

@@ -55,6 +55,7 @@ PROCESS_FIELDS = {
     "parents",
     "children",
     "processgraphid",
+    "backoffuntil",  # retries with backoff (tests/test_backoff.py)
 }
 
 
@@ -264,6 +265,7 @@ def test_add_executor_colony_owner_only_forced_pending(h: Harness, dev):
         "state": PENDING,
         "commissiontime": h.now,
         "lastheardfromtime": 0,
+        "stale": False,
     }
     body["executor"]["executorid"] = make_id("new2")
     with pytest.raises(BadRequest, match="already exists"):

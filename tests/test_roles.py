@@ -46,6 +46,34 @@ EXPECTED_SYMBOLS = {
     "addchildmsg": "M✓+A",
     "addmembermsg": "SO",
     "removemembermsg": "SO",
+    # Logs, functions, pause, executor liveness.
+    "addlogmsg": "M✓+A",
+    "getlogsmsg": "M✓",
+    "addfunctionmsg": "M✓ & SELF",
+    "removefunctionmsg": "M✓+SELF",
+    "getfunctionsmsg": "M✓",
+    "pauseassignmentsmsg": "CO",
+    "resumeassignmentsmsg": "CO",
+    "getpausestatusmsg": "M|CO",
+    "executorheartbeatmsg": "M",
+    "setexecutorstaleaftermsg": "CO",
+    # Generators and crons.
+    "addgeneratormsg": "M✓",
+    "getgeneratormsg": "M✓",
+    "getgeneratorsmsg": "M✓",
+    "removegeneratormsg": "M✓",
+    "packgeneratormsg": "M✓",
+    "addcronmsg": "M✓",
+    "getcronmsg": "M✓",
+    "getcronsmsg": "M✓",
+    "removecronmsg": "M✓",
+    "runcronmsg": "M✓",
+    # Beyond Colonies: retention, export, subscriptions.
+    "setretentionmsg": "CO",
+    "getretentionmsg": "M✓|CO",
+    "exportprocessesmsg": "M✓|CO",
+    "waitprocessmsg": "M✓|CO",
+    "followprocessesmsg": "M✓|CO",
 }
 
 # Who passes each rule in the world built below.
@@ -57,6 +85,10 @@ ALLOWED = {
     "M|CO": {"assigned", "peer", "pending", "rejected", "co"},
     "M✓+A": {"assigned"},
     "M✓+A & M✓": {"assigned"},
+    # Logs, functions, pause, executor liveness.
+    "M✓ & SELF": {"peer"},
+    "M✓+SELF": {"peer"},
+    "M": {"assigned", "peer", "pending", "rejected"},
 }
 
 
@@ -92,6 +124,15 @@ class World:
         self.g = h.write("submitworkflowspecmsg", self.ids["assigned"], {"spec": wf})
         self.r = h.assign(self.ids["assigned"], "dev")
         assert self.r["processgraphid"] == self.g["processgraphid"]
+        # Logs, functions, pause, executor liveness: a function the peer serves.
+        fun = {"executorname": "peer", "colonyname": "dev", "funcname": "f"}
+        self.f = h.write("addfunctionmsg", self.ids["peer"], {"fun": fun})
+        # Generators and crons: one of each, added by the peer.
+        self.wf = {"functionspecs": [dict(h.spec("dev"), nodename="r")]}
+        generator = {"colonyname": "dev", "name": "gen", "workflowspec": self.wf, "trigger": 5}
+        self.gen = h.write("addgeneratormsg", self.ids["peer"], {"generator": generator})
+        cron = {"colonyname": "dev", "name": "cron", "workflowspec": self.wf, "interval": 60}
+        self.cron = h.write("addcronmsg", self.ids["peer"], {"cron": cron})
 
     def body(self, msgtype: str) -> dict:
         pid, aid = self.p["processid"], self.a["attributeid"]
@@ -152,6 +193,37 @@ class World:
                 "parentprocessid": self.r["processid"],
                 "spec": dict(spec, nodename="child"),
             },
+            # Logs, functions, pause, executor liveness.
+            "addlogmsg": {"processid": pid, "message": "hello"},
+            "getlogsmsg": {"processid": pid},
+            "addfunctionmsg": {"fun": {"executorname": "peer", "colonyname": "dev",
+                                       "funcname": "g"}},
+            "removefunctionmsg": {"functionid": self.f["functionid"]},
+            "getfunctionsmsg": {"colonyname": "dev"},
+            "pauseassignmentsmsg": {"colonyname": "dev"},
+            "resumeassignmentsmsg": {"colonyname": "dev"},
+            "getpausestatusmsg": {"colonyname": "dev"},
+            "executorheartbeatmsg": {"colonyname": "dev"},
+            "setexecutorstaleaftermsg": {"colonyname": "dev", "staleafter": 60},
+            # Generators and crons.
+            "addgeneratormsg": {"generator": {"colonyname": "dev", "name": "g2",
+                                              "workflowspec": self.wf, "trigger": 2}},
+            "getgeneratormsg": {"generatorid": self.gen["generatorid"]},
+            "getgeneratorsmsg": {"colonyname": "dev"},
+            "removegeneratormsg": {"generatorid": self.gen["generatorid"]},
+            "packgeneratormsg": {"generatorid": self.gen["generatorid"], "arg": "a"},
+            "addcronmsg": {"cron": {"colonyname": "dev", "name": "c2",
+                                    "workflowspec": self.wf, "interval": 5}},
+            "getcronmsg": {"cronid": self.cron["cronid"]},
+            "getcronsmsg": {"colonyname": "dev"},
+            "removecronmsg": {"cronid": self.cron["cronid"]},
+            "runcronmsg": {"cronid": self.cron["cronid"]},
+            # Beyond Colonies: retention, export, subscriptions.
+            "setretentionmsg": {"colonyname": "dev", "seconds": 3600},
+            "getretentionmsg": {"colonyname": "dev"},
+            "exportprocessesmsg": {"colonyname": "dev"},
+            "waitprocessmsg": {"processid": pid, "state": -1, "timeout": 0},
+            "followprocessesmsg": {"colonyname": "dev"},
         }[msgtype]
 
 
@@ -197,6 +269,9 @@ MISSING = {
     "processid": make_id("no-process"),
     "attributeid": make_id("no-attribute"),
     "processgraphid": make_id("no-graph"),
+    "functionid": make_id("no-function"),
+    "generatorid": make_id("no-generator"),
+    "cronid": make_id("no-cron"),
 }
 
 
@@ -216,8 +291,14 @@ def test_a_missing_object_is_404_before_the_role(world: World, msgtype: str):
         }
     elif "attribute" in body:
         body["attribute"] = dict(body["attribute"], targetid=MISSING["processid"])
+    elif "fun" in body:  # addfunctionmsg: its colony
+        body["fun"] = dict(body["fun"], colonyname="nosuch")
+    elif "generator" in body or "cron" in body:  # add: the colony it names
+        kind = "generator" if "generator" in body else "cron"
+        body[kind] = dict(body[kind], colonyname="nosuch")
     else:
-        keys = ("processid", "attributeid", "processgraphid", "colonyname")
+        keys = ("processid", "attributeid", "processgraphid", "functionid", "generatorid",
+                "cronid", "colonyname")
         key = next(k for k in keys if k in body)
         body[key] = MISSING[key]
     for caller in world.ids.values():
