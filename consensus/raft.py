@@ -349,6 +349,9 @@ class ReplicatedColony(SyncObj):
         # need them as soon as PySyncObj exists.
         self._machine: StateMachine = machine
         self._on_applied = on_applied
+        # Called with (entry batch, its results) after every applied batch: how a node learns
+        # the results of the commands it relayed to the leader (node/replicator.py).
+        self.on_results: Callable[[bytes, list[list[Any]]], None] | None = None
         self._self_id = self_id
         self._fatal_error: str | None = None
         self._closed = False
@@ -531,6 +534,11 @@ class ReplicatedColony(SyncObj):
             # 500 rather than let PySyncObj re-apply the entry (a partial apply twice).
             log.critical("state machine raised applying a batch; answering 500", exc_info=True)
             results = _error_results(batch, "internal error while applying the command")
+        if self.on_results is not None:
+            try:
+                self.on_results(batch, results)
+            except Exception:
+                log.exception("on_results hook raised (ignored)")
         self._notify_applied()
         return results
 

@@ -194,7 +194,7 @@ class ColonyNode:
                 timeouts=GROUP_TIMEOUTS if others else SOLO_TIMEOUTS,
                 joining=joining,
             )
-            self.replicator = replicator = Replicator(raft)
+            self.replicator = replicator = Replicator(raft, relay=transport)
             transport.attach(replicator.kick)
             self.transport = transport
             self.membership = membership = Membership(

@@ -146,6 +146,24 @@ _OPTIONAL: dict[str, dict[str, Callable[[object], bool]]] = {
 }
 
 
+# Our own messages on the same streams (node/replicator.py): a follower relays a batch of
+# commands to the leader, which may refuse it. Never handed to PySyncObj.
+RELAY_TYPES = frozenset({"relay", "relay_refused"})
+MAX_RELAY_COMMANDS = 4096
+
+
+def _tokens(v: object) -> bool:
+    return type(v) is list and 0 < len(v) <= MAX_RELAY_COMMANDS and all(_uint(t) for t in v)
+
+
+def _commands(v: object) -> bool:
+    return type(v) is list and 0 < len(v) <= MAX_RELAY_COMMANDS and all(_command(c) for c in v)
+
+
+_REQUIRED["relay"] = {"cmds": _commands, "tokens": _tokens, "ttl_ms": _uint}
+_REQUIRED["relay_refused"] = {"tokens": _tokens, "reason": _uint}
+
+
 def _entries(v: object) -> list[tuple[bytes, int, int]]:
     if type(v) is not list:
         raise RaftMessageRefused("append_entries entries must be an array")
@@ -208,6 +226,8 @@ def decode_raft_message(body: bytes) -> dict[str, Any]:
     elif kind == "apply_command_response" and "error" not in out:
         if "log_idx" not in out or "log_term" not in out:
             raise RaftMessageRefused("apply_command_response needs an error or log_idx/log_term")
+    elif kind == "relay" and len(out["cmds"]) != len(out["tokens"]):
+        raise RaftMessageRefused("relay needs one token per command")
     return out
 
 
@@ -304,6 +324,7 @@ class StreamRaftTransport(Transport):
         # Chaos runs only (colonyd --fault-file): None everywhere else, and then no fault
         # code path runs.
         self._faults = faults
+        self._relay_handler: Callable[[str, dict[str, Any]], None] | None = None
         if faults is not None:
             faults.listeners.append(self._on_fault_plan)
         if not 0 < heartbeat < silent_after:
@@ -477,6 +498,18 @@ class StreamRaftTransport(Transport):
             self.counters["send_failures"] += 1
             self._warn.warning("send", "raft send to %s failed", node, exc_info=True)
             return False
+
+    def send_relay(self, peer: str, message: dict[str, Any]) -> bool:
+        """A relay message (node/replicator.py) to a member; False when it cannot go."""
+        try:
+            return self._send(peer, message)
+        except Exception:
+            self.counters["send_failures"] += 1
+            self._warn.warning("send", "relay send to %s failed", peer, exc_info=True)
+            return False
+
+    def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None:
+        self._relay_handler = handler
 
     def destroy(self) -> None:
         """Called by SyncObj.destroy (ReplicatedColony.close): no callback into PySyncObj after
@@ -880,6 +913,15 @@ class StreamRaftTransport(Transport):
             )
             return
         self.counters["messages_received"] += 1
+        if message["type"] in RELAY_TYPES:
+            handler = self._relay_handler
+            if handler is not None:
+                try:
+                    handler(str(node.id), message)
+                except Exception:
+                    self.counters["callback_errors"] += 1
+                    self._warn.warning("cb", "relay handler raised", exc_info=True)
+            return
         try:
             self._onMessageReceived(node, message)
         except Exception:

@@ -60,11 +60,11 @@ def install() -> None:
         HIST["replies_per_frame"][len(items)] += 1
         return encode_replies(items)
 
-    def counted_pack(now: int, packed_cmds: list[bytes]) -> bytes:
+    def counted_pack(now: int, packed_cmds: list[bytes], *rest: Any) -> bytes:
         COUNTERS["entries"] += 1
         COUNTERS["commands"] += len(packed_cmds)
         HIST["cmds_per_entry"][len(packed_cmds)] += 1
-        return pack_batch(now, packed_cmds)
+        return pack_batch(now, packed_cmds, *rest)
 
     def counted_tick(self: ReplicatedColony, *a: Any, **kw: Any) -> Any:
         COUNTERS["ticks"] += 1

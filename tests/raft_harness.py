@@ -97,7 +97,7 @@ def build_node(
         timeouts=timeouts,
         joining=joining,
     )
-    replicator = Replicator(colony)
+    replicator = Replicator(colony, relay=transport)
     transport.attach(replicator.kick)
     return RaftNode(node_id, data_dir, transport, colony, replicator, host=host)
 

@@ -1,0 +1,105 @@
+"""Followers relay their write batches to the leader, which packs the whole cluster's writes
+into its own log entries (node/replicator.py, "Relays")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from pysyncobj import FAIL_REASON
+
+from node.raft_transport import RaftMessageRefused, decode_raft_message
+from node.replicator import batch_sources, pack_batch
+from protocol.errors import Unavailable
+from tests.raft_harness import converged, wait_until
+from tests.test_raft_cluster_memory import cluster
+
+
+def _relay(**fields: Any) -> bytes:
+    return msgpack.packb({"type": "relay", **fields}, use_bin_type=True)
+
+
+def test_relay_messages_are_validated() -> None:
+    ok = decode_raft_message(_relay(cmds=[b"\x80"], tokens=[7], ttl_ms=1000))
+    assert ok == {"type": "relay", "cmds": [b"\x80"], "tokens": [7], "ttl_ms": 1000}
+    bad = [
+        _relay(cmds=[b"\x80", b"\x80"], tokens=[7], ttl_ms=1000),  # a token per command
+        _relay(cmds=["text"], tokens=[7], ttl_ms=1000),
+        _relay(cmds=[], tokens=[], ttl_ms=1000),
+        _relay(cmds=[b"\x80"], tokens=[-1], ttl_ms=1000),
+        _relay(cmds=[b"\x80"], tokens=[7]),
+        msgpack.packb({"type": "relay_refused", "tokens": [7]}),
+    ]
+    for body in bad:
+        with pytest.raises(RaftMessageRefused):
+            decode_raft_message(body)
+
+
+def test_sources_ride_along_in_the_entry() -> None:
+    cmds = [msgpack.packb({"n": 1}), msgpack.packb({"n": 2})]
+    plain = pack_batch(5, cmds)
+    assert plain == msgpack.packb({"now": 5, "cmds": [{"n": 1}, {"n": 2}]})
+    assert batch_sources(plain) == []
+    tagged = pack_batch(5, cmds, [None, ["n2", 9]])
+    assert msgpack.unpackb(tagged)["cmds"] == [{"n": 1}, {"n": 2}]
+    assert batch_sources(tagged) == [None, ["n2", 9]]
+    assert batch_sources(b"\xc1") == []
+
+
+async def test_follower_writes_go_to_the_leader_as_relays(tmp_path) -> None:
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        followers = [n for n in c.live() if n is not leader]
+        sent: list[str] = []
+        for f in followers:
+            send = f.transport.send
+
+            def spy(node: Any, message: Any, send: Any = send) -> bool:
+                sent.append(message["type"])
+                return send(node, message)
+
+            f.transport.send = spy  # type: ignore[method-assign]
+        results: dict[int, list[Any]] = {}
+
+        async def put(i: int) -> None:
+            results[i] = await followers[i % 2].put(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(put, i)
+        assert all(results[i] == [200, {"n": i, "seq": results[i][1]["seq"]}] for i in range(40))
+        assert sorted(r[1]["seq"] for r in results.values()) == list(range(1, 41))
+        # No PySyncObj forwarding (an entry per forwarded batch): the leader packed them.
+        assert "apply_command" not in sent
+        assert leader.colony.log_end_index < 40
+        await wait_until(lambda: converged(c.live(), 40), 5, "replicas to converge")
+        assert all(f.replicator.status()["relayed"] == 0 for f in followers)
+
+
+async def test_a_relay_to_a_follower_is_refused(tmp_path) -> None:
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        a, b = [n for n in c.live() if n is not leader]
+        got: list[tuple[str, dict[str, Any]]] = []
+        a.transport.set_relay_handler(lambda peer, msg: got.append((peer, msg)))
+        cmd = msgpack.packb({"n": "x"})
+        assert a.transport.send_relay(b.id, {"type": "relay", "cmds": [cmd], "tokens": [7],
+                                              "ttl_ms": 1000})
+        await wait_until(lambda: bool(got), 5, "the refusal")
+        assert got == [(b.id, {"type": "relay_refused", "tokens": [7],
+                               "reason": FAIL_REASON.NOT_LEADER})]
+        assert "x" not in leader.machine.values()
+
+
+async def test_relays_outstanding_when_the_leader_changes_fail_with_503(tmp_path) -> None:
+    async with cluster(tmp_path) as c:
+        old = await c.leader()
+        follower = next(n for n in c.live() if n is not old)
+        # The relay vanishes with the old leader; the follower learns of the new one.
+        c.network.isolate(old.id, silent=True)
+        with trio.fail_after(4):
+            with pytest.raises(Unavailable, match="unknown"):
+                await follower.put("lost?", timeout=8)
+        c.network.heal()
