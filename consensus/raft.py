@@ -361,12 +361,18 @@ class ReplicatedColony(SyncObj):
         # leader the moment a session comes up. Cleared for good once a leader is known.
         self._joining = joining
         self._refused_commands = 0
+        self._ae_sent = (0, 0)  # (log end, commit index) the last append-entries carried
+        self._commit_held = False
+        # Whether the proposer has a batch about to go in (then a bare commit index waits).
+        self.proposal_due: Callable[[], bool] = lambda: False
         self._data_dir = directory
         self._lock_fd = _lock_data_dir(directory / LOCK_FILE)
 
         conf = SyncObjConf(
             autoTick=False,
-            appendEntriesUseBatch=False,
+            # Append-entries go out once per tick (see _flush_append_entries), not once per
+            # added entry and again per commit.
+            appendEntriesUseBatch=True,
             useFork=False,  # forking a trio process is unsafe; snapshots are written inline
             dynamicMembershipChange=True,
             journalFile=str(directory / JOURNAL_FILE),
@@ -451,6 +457,43 @@ class ReplicatedColony(SyncObj):
     def log_end_index(self) -> int:
         """The index of the last entry in this replica's log (committed or not)."""
         return int(self._SyncObj__getCurrentLogIndex())
+
+    @property
+    def append_entries_held(self) -> bool:
+        """A commit index the followers have not heard of waits for the next tick."""
+        return self._commit_held
+
+    # --- append-entries coalescing -----------------------------------------------------------
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        super()._onTick(timeToWait)
+        self._flush_append_entries()
+
+    def _SyncObj__sendAppendEntries(self) -> None:
+        # Every send, PySyncObj's own (heartbeats, a new leader's first) included, goes here.
+        SyncObj._SyncObj__sendAppendEntries(self)
+        self._ae_sent = (self.log_end_index, self.commit_index)
+        self._commit_held = False
+
+    def _flush_append_entries(self) -> None:
+        """With appendEntriesUseBatch PySyncObj only sends heartbeats; the leader sends here,
+        at the end of a tick, when new entries or a new commit index are waiting. A commit
+        index alone is held for one tick when the proposer has commands queued: it proposes
+        them as soon as the previous entry commits, and that entry then carries the commit
+        index, so under load a follower gets one append-entries (and answers once) per entry
+        instead of two. Without a backlog the commit index goes out at once."""
+        if self._SyncObj__raftState != _RAFT_STATE.LEADER:
+            self._commit_held = False
+            return
+        end, commit = self.log_end_index, self.commit_index
+        sent_end, sent_commit = self._ae_sent
+        if end > sent_end:
+            self._SyncObj__sendAppendEntries()
+        elif commit > sent_commit:
+            if self._commit_held or not self.proposal_due():
+                self._SyncObj__sendAppendEntries()
+            else:
+                self._commit_held = True
 
     def set_timeouts(self, timeouts: RaftTimeouts) -> None:
         """PySyncObj reads these on every tick and election, so a group that grows from one

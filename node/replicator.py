@@ -211,6 +211,7 @@ class Replicator:
         self._leader: str | None = None
         self.leader_changes = 0
         colony.on_applied = self._on_applied
+        colony.proposal_due = lambda: bool(self._queue)
 
         self._relay = relay
         self._relayed: dict[int, _Pending] = {}  # token -> a command relayed to the leader
@@ -275,6 +276,8 @@ class Replicator:
             self._kicked = trio.Event()
             self._tick()
             self._note_leader()
+            if self._colony.append_entries_held:
+                self._kicked.set()  # tick again once the other tasks ran (a proposal, maybe)
             if not self._ready.is_set() and self._colony.caught_up:
                 self._ready.set()
                 task_status.started()

@@ -103,3 +103,37 @@ async def test_relays_outstanding_when_the_leader_changes_fail_with_503(tmp_path
             with pytest.raises(Unavailable, match="unknown"):
                 await follower.put("lost?", timeout=8)
         c.network.heal()
+
+
+async def test_one_append_entries_per_entry_not_two(tmp_path) -> None:
+    """Under load the leader holds a bare commit index for one tick so that the next entry
+    carries it (consensus/raft.py, _flush_append_entries)."""
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.live() if n is not leader)
+        sent = 0
+        send = leader.transport.send
+
+        def spy(node: Any, message: Any) -> bool:
+            nonlocal sent
+            if message["type"] == "append_entries" and node.id == follower.id:
+                sent += 1
+            return send(node, message)
+
+        leader.transport.send = spy  # type: ignore[method-assign]
+        first = leader.colony.log_end_index
+
+        c.network.set_faults(delay=(0.005, 0.005))  # commits take a while: writes queue up
+
+        async def writer(k: int) -> None:
+            await trio.sleep(k * 0.002)  # staggered: some write while others' entry commits
+            for i in range(5):
+                assert (await leader.put(k * 100 + i))[0] == 200
+
+        async with trio.open_nursery() as nursery:
+            for k in range(10):
+                nursery.start_soon(writer, k)
+        entries = leader.colony.log_end_index - first
+        assert entries >= 5
+        # Two per entry (one with it, one with its commit) without the coalescing.
+        assert sent < 2 * entries, (sent, entries)
