@@ -78,8 +78,8 @@ async def cmd_follow(ctx: Context) -> int:
     colony = ctx.cfg.colony_name()
     key = ctx.cfg.key("prvkey")
     seen = 0
-    with trio.move_on_after(a.timeout if a.timeout > 0 else math.inf):
-        async with ctx.client(key) as c:
+    async with ctx.client(key) as c:  # connected first: --timeout counts from then
+        with trio.move_on_after(a.timeout if a.timeout > 0 else math.inf):
             follow = c.follow_processes(colony, a.type or "", afterseq=0 if a.from_start else -1)
             async for p in follow:
                 if ctx.json:
@@ -143,6 +143,16 @@ def retention_seconds(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
 def add_process_leaves(g: argparse._SubParsersAction, leaf: Leaf) -> None:
     """Register wait, follow and export under `colonies process`."""
     p = leaf(g, "wait", cmd_wait, "wait until a process is in a state (pushed, not polled)")
@@ -157,7 +167,8 @@ def add_process_leaves(g: argparse._SubParsersAction, leaf: Leaf) -> None:
     p.add_argument("--type", help="only this executor type")
     p.add_argument("--from-start", action="store_true",
                    help="begin with the processes already in the colony")
-    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N processes")
+    p.add_argument("--count", type=non_negative_int, default=0, metavar="N",
+                   help="stop after N processes (default 0: no limit)")
     p.add_argument("--timeout", type=float, default=0, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C)")
     p = leaf(g, "export", cmd_export,

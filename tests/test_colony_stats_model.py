@@ -1,6 +1,7 @@
 """Colony statistics always equal the per-state list sizes, whatever happened before:
 random submits, assigns, closes, cancels, removals, workflows (cancelled and failed ones too),
-timeouts, stale executors, removed executors and pauses, checked after every step."""
+timeouts, stale executors, removed executors and pauses, retention sweeps, idempotent,
+concurrency-limited and backed-off submits, checked after every step."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ KINDS = (
     ["submit"] * 3 + ["assign"] * 4 + ["close"] * 4 + ["workflow"] * 2 + ["advance"] * 2
     + ["resume"] * 2
     + ["cancel", "remove", "cancelgraph", "removegraph", "removeall", "pause", "removeexecutor"]
+    + ["retention", "keyed"]
 )
 # (kind, a number to pick with, a small int, a flag); each kind reads what it needs.
 OPS = st.tuples(st.sampled_from(KINDS), st.integers(0, 50), st.integers(-1, 3), st.booleans())
@@ -76,6 +78,13 @@ class World:
         elif kind in ("pause", "resume"):
             msg = "pauseassignmentsmsg" if kind == "pause" else "resumeassignmentsmsg"
             h.write(msg, self.co, {"colonyname": "dev"})
+        elif kind == "retention":  # 0 (off), 1 or 2 s; the sweeps run as time advances
+            h.write("setretentionmsg", self.co, {"colonyname": "dev", "seconds": pick % 3})
+        elif kind == "keyed":  # an idempotency key, a concurrency key, a backoff
+            extra = {"backoff": {"initial": 1, "jitter": 0}} if flag else {}
+            p = h.submit(self.reader, "dev", idempotencykey=f"k{pick % 4}",
+                         concurrencykey=f"c{small % 2}", maxretries=1, **extra)
+            self.pids.append(p["processid"])
         elif kind == "removeexecutor":
             name = self.names[pick % 3]
             h.write("removeexecutormsg", self.co, {"colonyname": "dev", "executorname": name})

@@ -96,6 +96,36 @@ def test_finished_workflows_go_whole_running_ones_stay(h: Harness, dev) -> None:
     assert h.stats()["waitingprocesses"] + h.stats()["runningprocesses"] == 2
 
 
+def test_failed_and_cancelled_workflows_go_after_the_retention_too(h: Harness, dev) -> None:
+    w = dev["w1"]
+    set_retention(h, dev["co"], 300)
+
+    def workflow() -> dict:
+        specs = [dict(h.spec("dev"), nodename="a"),
+                 dict(h.spec("dev"), nodename="b", conditions={
+                     "executortype": "cli", "dependencies": ["a"]})]
+        return h.write("submitworkflowspecmsg", w, {"spec": {"colonyname": "dev",
+                                                             "functionspecs": specs}})
+
+    failed, cancelled = workflow(), workflow()
+    h.close(w, h.assign(w, "dev"), ok=False)  # failed's root: the graph fails whole
+    h.write("cancelprocessgraphmsg", w, {"processgraphid": cancelled["processgraphid"]})
+    ended = {g["processgraphid"]: g["state"]
+             for g in h.read("getprocessgraphsmsg", w, {"colonyname": "dev"})}
+    assert ended == {failed["processgraphid"]: FAILED, cancelled["processgraphid"]: CANCELLED}
+    h.advance(240)  # not yet: they ended 240 s ago
+    assert len(h.read("getprocessgraphsmsg", w, {"colonyname": "dev"})) == 2
+    h.advance(120)
+    assert h.read("getprocessgraphsmsg", w, {"colonyname": "dev"}) == []
+    stats = h.read("getcolonystatsmsg", dev["co"], {"colonyname": "dev"})
+    assert (stats["failedworkflows"], stats["cancelledworkflows"]) == (0, 0)
+    assert (stats["failedprocesses"], stats["cancelledprocesses"]) == (0, 0)
+    for g in (failed, cancelled):
+        for pid in g["processids"]:
+            with pytest.raises(NotFound):
+                h.process(w, pid)
+
+
 def test_the_sweep_does_bounded_work_per_tick(
     h: Harness, dev, monkeypatch: pytest.MonkeyPatch
 ) -> None:
