@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from consensus import (  # Beyond Colonies
+    canonical,
     function_ops,
     log_ops,
     pause_ops,
@@ -29,6 +30,12 @@ Query = Callable[[ColonyState, Request], Any]
 
 def get_statistics(st: ColonyState, req: Request) -> Any:
     return st.statistics()
+
+
+def get_state_digest(st: ColonyState, req: Request) -> Any:
+    """The canonical digest of the whole state (ColonyMachine.digest): equal on replicas
+    that applied the same log prefix. The node adds the applied index it reflects."""
+    return {"digest": canonical.digest(st.to_snapshot())}
 
 
 def get_colonies(st: ColonyState, req: Request) -> Any:
@@ -69,6 +76,7 @@ def get_attribute(st: ColonyState, req: Request) -> Any:
 
 READS: dict[str, Query] = {
     "getstatisticsmsg": get_statistics,
+    "getstatedigestmsg": get_state_digest,
     "getcoloniesmsg": get_colonies,
     "getcolonymsg": get_colony,
     "getcolonystatsmsg": get_colony_stats,

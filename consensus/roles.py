@@ -210,6 +210,7 @@ def all_of(*rules: Rule) -> Rule:
 
 RULES: dict[str, Rule] = {
     "getstatisticsmsg": server_owner(),
+    "getstatedigestmsg": server_owner(),
     "addcolonymsg": server_owner(),
     "addmembermsg": server_owner(),
     "removemembermsg": server_owner(),

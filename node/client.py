@@ -10,16 +10,18 @@ over the same stream, which is how several executors in one process share a conn
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from node.connection import Connection, ConnectionLost, leaves
+from node.connection import Connection, ConnectionLost, NoReply, leaves
 from node.dispatch import DEFAULT_CALL_TIMEOUT_S
 from protocol.envelope import seal
 from protocol.errors import BadRequest, ColoniesError, RequestTimeout, Unavailable
@@ -179,6 +181,12 @@ class Client:
         conn = await self._link.connection(self.key)
         try:
             return await conn.call(envelope, timeout or self.timeout)
+        except NoReply:
+            # The node did not answer within the bound (hung or paused): the next call moves
+            # to another member rather than wait on this one again. This call's outcome stays
+            # unknown, as with any timeout.
+            conn.abandon()
+            raise
         except ConnectionLost as lost:
             # The node went away. A request that never left can go to another member as it
             # is; one that was in flight may have been applied, so only reads are resent
@@ -197,6 +205,11 @@ class Client:
 
     async def statistics(self) -> dict:
         return await self.call("getstatisticsmsg", {})
+
+    async def state_digest(self) -> dict:
+        """{"digest", "applied"}: the connected node's own state digest and the Raft index it
+        reflects (server owner). Nodes that applied the same index must show the same digest."""
+        return await self.call("getstatedigestmsg", {})
 
     # Cluster membership (server owner). The leader then changes the Raft group to match;
     # a removed node stops serving.
@@ -761,7 +774,29 @@ class SyncClient:
             fn = getattr(self._client, name)
             return trio.from_thread.run(lambda: fn(*args, **kwargs), trio_token=self._token)
 
-        return call
+        def iterate(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            # The streaming calls (export_processes, follow_processes, follow_logs): one
+            # item per trip to the loop; closing the iterator closes the stream.
+            assert self._client is not None and self._token is not None
+            stream = getattr(self._client, name)(*args, **kwargs)
+
+            async def next_item() -> tuple[bool, Any]:
+                try:
+                    return True, await stream.__anext__()
+                except StopAsyncIteration:
+                    return False, None
+
+            try:
+                while True:
+                    more, item = trio.from_thread.run(next_item, trio_token=self._token)
+                    if not more:
+                        return
+                    yield item
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):  # disconnected meanwhile
+                    trio.from_thread.run(stream.aclose, trio_token=self._token)
+
+        return iterate if inspect.isasyncgenfunction(method) else call
 
     def disconnect(self) -> None:
         if self._stop is not None and self._token is not None:

@@ -41,6 +41,10 @@ class ConnectionLost(Unavailable):
         self.sent = sent
 
 
+class NoReply(RequestTimeout):
+    """The node sent no reply within the caller's bound: it may be hung or paused (SIGSTOP)."""
+
+
 @dataclass
 class _Pending:
     done: trio.Event = field(default_factory=trio.Event)
@@ -112,6 +116,11 @@ class Connection:
     def broken(self) -> bool:
         return self._broken
 
+    def abandon(self) -> None:
+        """Count this connection as broken: the next call through the client's link closes it
+        and moves to the next member (calls still in flight on it end when it is closed)."""
+        self._broken = True
+
     def _fail_all(self) -> None:
         self._broken = True
         for p in self._pending.values():
@@ -163,7 +172,7 @@ class Connection:
                 await pending.done.wait()
         except trio.TooSlowError:
             self._pending.pop(request_id, None)
-            raise RequestTimeout(f"no reply from {self.addr} within {timeout:g} s") from None
+            raise NoReply(f"no reply from {self.addr} within {timeout:g} s") from None
         if pending.lost:
             raise ConnectionLost(self.addr, sent=True)
         if pending.status != 200:

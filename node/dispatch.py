@@ -29,11 +29,18 @@ class Machine(Protocol):
     def assignable(self, colonyname: str, executor_id: str) -> int: ...
 
 
+class Replica(Protocol):
+    @property
+    def last_applied(self) -> int: ...
+
+
 class Log(Protocol):
     """What dispatch needs from the replicator."""
 
     @property
     def machine(self) -> Machine: ...
+    @property
+    def colony(self) -> Replica: ...
     @property
     def applied_generation(self) -> int: ...
     async def submit(self, cmd: dict, timeout: float = ...) -> list: ...
@@ -66,6 +73,11 @@ class Dispatcher:
                 return await follow_logs(self.log, req)  # a log follower waits for a line
             if req.msgtype in subscriptions.LONG_POLLS:  # woken by applies on this replica
                 return await subscriptions.serve(self.log, req)
+            if req.msgtype == "getstatedigestmsg":
+                # This replica's own digest with the index it reflects (read together, with no
+                # await between, so they match); never forwarded, so each node can be asked.
+                value = self.log.machine.read(req.msgtype, req.caller, req.body, 0)
+                return {**value, "applied": self.log.colony.last_applied}
             return self.log.machine.read(req.msgtype, req.caller, req.body, time.time_ns())
         self.log.machine.authorize(req.msgtype, req.caller, req.body)
         if req.msgtype == "assignprocessmsg":

@@ -61,6 +61,7 @@ log = logging.getLogger("colonies.executor")
 
 RECONNECT_DELAY_S = 1.0
 HEARTBEAT_WHEN_OFF_S = 60.0  # keeps lastheardfromtime fresh for `executor ls`
+REGISTER_TRIES = 5  # function registration through failovers, then serve without it
 
 
 def wants_context(fn: Callable[..., Any]) -> bool:
@@ -229,23 +230,35 @@ class Executor:
         """Register every function in the colony's registry (re-registering updates)."""
         if not self.functions:
             return
-        try:
-            if not self.executorname:
-                mine = [e for e in await client.executors(self.colonyname)
-                        if e["executorid"] == self.key.id]
-                if not mine:
-                    raise NotFound(f"this key is not an executor of colony {self.colonyname}")
-                self.executorname = mine[0]["executorname"]
-            for name in sorted(self.functions):
-                doc = inspect.getdoc(self.functions[name]) or ""
-                await client.add_function(
-                    self.colonyname, self.executorname, name,
-                    description=doc.splitlines()[0][:1024] if doc else "",
-                )
-            self._last_write = trio.current_time()
-        except (NotFound, Forbidden, BadRequest) as e:
-            # Serving works without the registry (e.g. not approved yet): say so, go on.
-            log.warning("could not register functions: %s", e)
+        for tries_left in range(REGISTER_TRIES - 1, -1, -1):
+            try:
+                if not self.executorname:
+                    mine = [e for e in await client.executors(self.colonyname)
+                            if e["executorid"] == self.key.id]
+                    if not mine:
+                        raise NotFound(f"this key is not an executor of colony {self.colonyname}")
+                    self.executorname = mine[0]["executorname"]
+                for name in sorted(self.functions):
+                    doc = inspect.getdoc(self.functions[name]) or ""
+                    await client.add_function(
+                        self.colonyname, self.executorname, name,
+                        description=doc.splitlines()[0][:1024] if doc else "",
+                    )
+                self._last_write = trio.current_time()
+                return
+            except (NotFound, Forbidden, BadRequest) as e:
+                # Serving works without the registry (e.g. not approved yet): say so, go on.
+                log.warning("could not register functions: %s", e)
+                return
+            except (Unavailable, RequestTimeout) as e:
+                # A leader failover: registering again is harmless (it updates), so retry a
+                # few times; never let it end the executor.
+                if not tries_left or self._stop.is_set():
+                    log.warning("could not register functions (%s); serving without", e)
+                    return
+                log.warning("registering functions failed (%s); retrying", e)
+                with trio.move_on_after(RECONNECT_DELAY_S):
+                    await self._stop.wait()
 
     async def _heartbeats(self, client: Client) -> None:
         """Call in when nothing else was written for `interval` (a third of the colony's
@@ -273,6 +286,13 @@ class Executor:
                 try:
                     process = await client.assign(self.colonyname, timeout=self.poll_timeout)
                 except NotFound:
+                    continue
+                except (Unavailable, RequestTimeout) as e:
+                    # A leader failover (503) or a lost node: the client moves to another
+                    # member by itself, so pause a moment and ask again rather than end.
+                    log.warning("assign failed (%s); retrying in %.0f s", e, RECONNECT_DELAY_S)
+                    with trio.move_on_after(RECONNECT_DELAY_S):
+                        await self._stop.wait()
                     continue
                 self._last_write = trio.current_time()
             ok, out, errors = await self._execute(process, client)

@@ -321,6 +321,8 @@ MESSAGES: dict[str, MessageType] = {
         # Server.
         _m("getserverinfomsg", False),
         _m("getstatisticsmsg", False),
+        # This node's own state digest and applied index (chaos runs compare the nodes).
+        _m("getstatedigestmsg", False),
         # Colonies.
         _m("addcolonymsg", True, {"colony": F("obj", True, schema=COLONY)}),
         _m("removecolonymsg", True, _COLONY_NAME),

@@ -14,6 +14,7 @@ PEER = "16Uiu2HAmMmu7o74vsbemwzENv8XTtQxKzKCkJTTAiS3ddBgfwwqJ"
 
 EXPECTED_SYMBOLS = {
     "getstatisticsmsg": "SO",
+    "getstatedigestmsg": "SO",
     "addcolonymsg": "SO",
     "removecolonymsg": "SO",
     "getcoloniesmsg": "SO",
@@ -147,6 +148,7 @@ class World:
         spec = {"funcname": "f", "conditions": {"colonyname": "dev", "executortype": "cli"}}
         return {
             "getstatisticsmsg": {},
+            "getstatedigestmsg": {},
             "addmembermsg": {"peerid": PEER, "addr": f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}"},
             "removemembermsg": {"peerid": PEER},
             "addcolonymsg": {"colony": {"colonyid": make_id("c3"), "name": "c3"}},
