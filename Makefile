@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python simulations/bench.py
 
 chaos: $(STAMP)
-	$(BIN)/python simulations/chaos.py
+	$(BIN)/python simulations/chaos.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .colonies-dev

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,7 @@ class ClusterMember:
         self.child: ChildProcess | None = None
         self.addr = ""
         self.starts = 0
+        self.extra_args: list[str] = []  # more colonyd options (chaos: --fault-file)
 
     @property
     def pid(self) -> int:
@@ -391,6 +393,7 @@ class ClusterMember:
             "--listen", self.listen,
             "--log-level", self.log_level,
         ]
+        argv += self.extra_args
         if join:
             argv += ["--join", join]
         suffix = "" if self.starts == 1 else f"-start{self.starts}"
@@ -438,7 +441,13 @@ class ClusterProcess:
         probe: bool = False,
         cprofile_dir: Path | None = None,
         cprofile_prefix: str = "",
+        workdir: Path | None = None,
+        member_args: Callable[[ClusterMember], list[str]] | None = None,
     ) -> None:
+        # workdir: keep the members' data and logs there (default: a temporary directory);
+        # member_args: more colonyd options per member (chaos runs add --fault-file).
+        self.workdir = workdir
+        self.member_args = member_args
         self.server_prvkey = server_prvkey
         self.n = n
         self.log_level = log_level
@@ -467,17 +476,22 @@ class ClusterProcess:
         return {m.name: await m.probe_stats() for m in self.members}
 
     async def __aenter__(self) -> ClusterProcess:
-        self._tmp = tempfile.TemporaryDirectory(prefix="colonies-bench-cluster-")
-        workdir = Path(self._tmp.name)
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="colonies-bench-cluster-")
+            workdir = Path(self._tmp.name)
+        else:
+            workdir = self.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["COLONIES_SERVER_PRVKEY"] = self.server_prvkey
         for i in range(self.n):
             name = f"n{i + 1}"
             cprofile = (self.cprofile_dir / f"{self.cprofile_prefix}{name}.pstats"
                         if self.cprofile_dir else None)
-            self.members.append(
-                ClusterMember(name, workdir, env, self.log_level, self.probe, cprofile)
-            )
+            member = ClusterMember(name, workdir, env, self.log_level, self.probe, cprofile)
+            if self.member_args is not None:
+                member.extra_args = self.member_args(member)
+            self.members.append(member)
         try:
             first, *others = self.members
             first.start()
