@@ -5,8 +5,9 @@ Kinds (the --faults mix names them, optionally weighted: "kill=2,pause,partition
   kill           SIGKILL a random node, restart it on the same address after the fault
   kill-leader    the same, on the node the cluster names as leader at that moment
   pause          SIGSTOP a random node, SIGCONT after the fault
-  partition      cut one random node off from the others (each side's fault file blocks the
-                 other's peer ids: colonyd --fault-file, node/faults.py)
+  partition      split the nodes into a minority set (the largest one: one node of 3, two of
+                 5) and the majority (each side's fault file blocks the other side's peer
+                 ids: colonyd --fault-file, node/faults.py)
   slow           every node delays inbound Raft frames by 20-150 ms
   drop           every node drops 5-20 % of its outbound Raft messages
   kill-executor  SIGKILL a random executor process (often mid-process), restart it
@@ -211,17 +212,19 @@ class Injector:
 
     async def _partition(self, name: str, ev: FaultEvent, nursery: trio.Nursery) -> None:
         members = self.run.cluster.members
-        others = [m for m in members if m.name != name]
-        self.plans[name].block = {m.peer_id for m in others}
-        self._write(name)
-        cut = self.run.member(name).peer_id
-        for m in others:
-            self.plans[m.name].block.add(cut)
-            self._write(m.name)
-        self._record("partition", name, duration=ev.duration)
-        self.note("fault", f"partition {name} | {','.join(m.name for m in others)} "
+        first = next(i for i, m in enumerate(members) if m.name == name)
+        size = max(1, (len(members) - 1) // 2)
+        minority = [members[(first + i) % len(members)] for i in range(size)]
+        majority = [m for m in members if m not in minority]
+        for side, other in ((minority, majority), (majority, minority)):
+            for m in side:
+                self.plans[m.name].block |= {o.peer_id for o in other}
+                self._write(m.name)
+        names = ",".join(m.name for m in minority)
+        self._record("partition", names, duration=ev.duration)
+        self.note("fault", f"partition {names} | {','.join(m.name for m in majority)} "
                            f"for {ev.duration:.1f} s")
-        nursery.start_soon(self._heal_partition_later, name, ev.duration)
+        nursery.start_soon(self._heal_partition_later, minority, ev.duration)
 
     # --- heals --------------------------------------------------------------------------------
 
@@ -256,15 +259,12 @@ class Injector:
         self.paused.discard(name)
         self.note("heal", f"SIGCONT {name}")
 
-    async def _heal_partition_later(self, name: str, after: float) -> None:
+    async def _heal_partition_later(self, minority: list[Any], after: float) -> None:
         await trio.sleep(after)
-        cut = self.run.member(name).peer_id
-        self.plans[name].block.clear()
-        self._write(name)
         for m in self.run.cluster.members:
-            self.plans[m.name].block.discard(cut)
+            self.plans[m.name].block.clear()
             self._write(m.name)
-        self.note("heal", f"partition of {name} healed")
+        self.note("heal", f"partition of {','.join(m.name for m in minority)} healed")
 
     async def _heal_net_later(self, ev: FaultEvent) -> None:
         await trio.sleep(ev.duration)
