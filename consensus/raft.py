@@ -352,6 +352,7 @@ class ReplicatedColony(SyncObj):
         # Called with (entry batch, its results) after every applied batch: how a node learns
         # the results of the commands it relayed to the leader (node/replicator.py).
         self.on_results: Callable[[bytes, list[list[Any]]], None] | None = None
+        self.on_snapshot: Callable[[], None] | None = None  # after a snapshot replaced the state
         self._self_id = self_id
         self._fatal_error: str | None = None
         self._closed = False
@@ -664,6 +665,11 @@ class ReplicatedColony(SyncObj):
             log.critical(self._fatal_error, exc_info=True)
             raise
         self._machine = machine
+        if self.on_snapshot is not None:
+            try:
+                self.on_snapshot()
+            except Exception:
+                log.exception("on_snapshot hook raised (ignored)")
         self._notify_applied()
         last, prev = data["last"], data["prev"]
         return (

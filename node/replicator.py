@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
+import secrets
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -57,6 +57,10 @@ MAX_IN_FLIGHT = 1
 # Commands the leader holds queued (its own and relayed) before it refuses relays.
 MAX_QUEUED = 20_000
 MAX_RELAY_TTL_S = 60.0
+# A relay (or its refusal) lost on the way, with the leader unchanged, is sent again after
+# this long; the leader drops copies it has already taken (the last SEEN_RELAYS tokens).
+RELAY_RESEND_S = 1.0
+SEEN_RELAYS = 100_000
 # A batch is at most this big (unless one command alone is), so that a log entry stays below
 # MAX_ENTRY_BYTES, where PySyncObj would switch to its pickled chunk transfer.
 MAX_BATCH_BYTES = 1024 * 1024
@@ -69,16 +73,20 @@ _FAILURES: dict[int, str] = {
     FAIL_REASON.MISSING_LEADER: "the raft group has no leader (election in progress or no quorum)",
     FAIL_REASON.DISCARDED: "a new raft leader replaced the command before it was committed",
     FAIL_REASON.NOT_LEADER: "the node forwarded to is no longer the raft leader",
-    FAIL_REASON.LEADER_CHANGED: "the raft leader changed before the command was committed",
+    FAIL_REASON.LEADER_CHANGED: "the raft leader changed while the command was on its way",
     FAIL_REASON.REQUEST_DENIED: "the raft leader refused the command",
-    FAIL_REASON.UNKNOWN_OUTCOME: "the command's outcome is unknown (raft leader changed)",
+    FAIL_REASON.UNKNOWN_OUTCOME: "the raft leader changed before the outcome was known",
 }
+# Reasons after which the command may still be in the log and be applied.
+_UNCERTAIN = frozenset({FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME})
 
 
 def failure_error(reason: int) -> Unavailable:
-    """A PySyncObj FAIL_REASON other than SUCCESS, as the 503 a client can act on: retry."""
+    """A PySyncObj FAIL_REASON other than SUCCESS, as the 503 a client can act on."""
     what = _FAILURES.get(reason, f"raft failure reason {reason}")
-    return Unavailable(f"write not committed: {what}; retry")
+    if reason in _UNCERTAIN:
+        return Unavailable(f"write may or may not be applied: {what}; read before retrying")
+    return Unavailable(f"write not applied: {what}; retry")
 
 
 def pack_batch(
@@ -114,6 +122,14 @@ def batch_sources(batch: bytes) -> list[Any]:
         return []
     src = decoded.get("src") if isinstance(decoded, dict) else None
     return src if isinstance(src, list) else []
+
+
+def _one_map(packed: bytes) -> bool:
+    """Whether ``packed`` is exactly one msgpack map (a command), nothing before or after."""
+    try:
+        return isinstance(msgpack.unpackb(packed, raw=False), dict)
+    except Exception:
+        return False
 
 
 class RelayLink(Protocol):
@@ -164,6 +180,8 @@ class _Batch:
     commands: list[_Pending]
     deadline: float  # the last of its commands' deadlines: nobody waits for it after that
     unresolved: int = 0  # a relay batch: commands whose result has not come yet
+    leader: str | None = None  # ... the leader it went to
+    resend_at: float = math.inf  # ... and when to send its unresolved commands again
 
 
 class Replicator:
@@ -215,9 +233,11 @@ class Replicator:
 
         self._relay = relay
         self._relayed: dict[int, _Pending] = {}  # token -> a command relayed to the leader
+        self._seen_relays: dict[tuple[str, int], None] = {}  # on the leader, oldest first
         if relay is not None:
             relay.set_relay_handler(self._on_relay_message)
             colony.on_results = self._on_results
+            colony.on_snapshot = self._on_snapshot
 
     # --- what the node reads -----------------------------------------------------------------
 
@@ -290,7 +310,8 @@ class Replicator:
             return
         self._leader = leader
         self.leader_changes += 1
-        self._fail_relays(failure_error(FAIL_REASON.UNKNOWN_OUTCOME))
+        # Relays to another leader: that one may have logged them or not.
+        self._fail_relays(failure_error(FAIL_REASON.UNKNOWN_OUTCOME), unless_to=leader)
         if leader is None:
             log.warning("raft leader lost (term %d)", self._colony.term)
         elif leader == self._colony.self_id:
@@ -386,7 +407,9 @@ class Replicator:
             while self._queue and self._queue[0].abandoned:
                 self._queue.popleft()
             if not self._queue:
-                await self._work.park()
+                with trio.move_on_at(self._next_resend()):
+                    await self._work.park()
+                self._resend_due()
             elif len(self._in_flight) >= self._max_in_flight:
                 await self._wait_for_slot()
             else:
@@ -397,9 +420,10 @@ class Replicator:
     async def _wait_for_slot(self) -> None:
         # A batch whose callback never comes (its entry lost with a leader) must not hold its
         # slot forever: once all its submitters have given up, the slot is free again.
-        expires = min(b.deadline for b in self._in_flight.values())
+        expires = min(min(b.deadline, b.resend_at) for b in self._in_flight.values())
         with trio.move_on_at(expires):
             await self._slot_freed.park()
+        self._resend_due()
         now = trio.current_time()
         for seq in [s for s, b in self._in_flight.items() if b.deadline <= now]:
             batch = self._in_flight.pop(seq)
@@ -413,11 +437,20 @@ class Replicator:
             return
         for pending in commands:
             pending.proposed = True
+        leader = self._colony.leader_id
+        relaying = self._relay is not None and leader is not None and leader != self._colony.self_id
+        if relaying:
+            # Commands relayed to this node while it led: tell their origins they were not
+            # applied, rather than pass them on under this node's name.
+            self._refuse_relayed(commands, FAIL_REASON.NOT_LEADER)
+            commands = [p for p in commands if p.origin is None]
+            if not commands:
+                return
         self._batch_seq += 1
         batch = _Batch(self._batch_seq, commands, max(p.deadline for p in commands))
         self._in_flight[batch.seq] = batch
-        leader = self._colony.leader_id
-        if self._relay is not None and leader is not None and leader != self._colony.self_id:
+        if relaying:
+            assert leader is not None
             self._send_relay(leader, batch)
         else:
             self._propose(batch)
@@ -468,7 +501,10 @@ class Replicator:
             return  # expired in _wait_for_slot; its submitters are gone
         self._slot_freed.unpark_all()
         if reason != FAIL_REASON.SUCCESS:
-            self._refuse_relayed(batch.commands, reason)
+            if reason not in _UNCERTAIN:
+                # Definitely not in the log. Otherwise the origins learn the outcome from
+                # their apply, or fail their relays when they see the new leader.
+                self._refuse_relayed(batch.commands, reason)
             error = failure_error(reason)
             for pending in batch.commands:
                 pending.finish(None, error)
@@ -485,24 +521,38 @@ class Replicator:
 
     def _send_relay(self, leader: str, batch: _Batch) -> None:
         assert self._relay is not None
-        tokens = []
         for pending in batch.commands:
-            token = random.getrandbits(63)  # unique across restarts: the journal replays srcs
+            token = secrets.randbits(63)  # unique across restarts: the journal replays srcs
             pending.relay, pending.token = batch, token
             self._relayed[token] = pending
-            tokens.append(token)
-        batch.unresolved = len(tokens)
-        ttl_ms = max(1, int((batch.deadline - trio.current_time()) * 1000))
+        batch.unresolved = len(batch.commands)
+        batch.leader = leader
+        if not self._transmit(batch, batch.commands, trio.current_time()):
+            error = Unavailable("the raft leader is not reachable from this node; not applied")
+            for pending in batch.commands:
+                self._resolve_relayed(pending.token, None, error)
+
+    def _transmit(self, batch: _Batch, commands: list[_Pending], now: float) -> bool:
+        assert self._relay is not None and batch.leader is not None
+        batch.resend_at = now + RELAY_RESEND_S
         message = {
             "type": "relay",
-            "cmds": [p.packed for p in batch.commands],
-            "tokens": tokens,
-            "ttl_ms": ttl_ms,
+            "cmds": [p.packed for p in commands],
+            "tokens": [p.token for p in commands],
+            "ttl_ms": max(1, int((batch.deadline - now) * 1000)),
         }
-        if not self._relay.send_relay(leader, message):
-            error = Unavailable("the raft leader is not reachable from this node; not applied")
-            for token in tokens:
-                self._resolve_relayed(token, None, error)
+        return self._relay.send_relay(batch.leader, message)
+
+    def _next_resend(self) -> float:
+        return min((b.resend_at for b in self._in_flight.values()), default=math.inf)
+
+    def _resend_due(self) -> None:
+        now = trio.current_time()
+        for batch in self._in_flight.values():
+            if batch.resend_at <= now < batch.deadline:
+                waiting = [p for p in batch.commands if not p.done.is_set()]
+                if waiting:
+                    self._transmit(batch, waiting, now)
 
     def _on_relay_message(self, peer: str, message: dict[str, Any]) -> None:
         """From the transport (a member peer, a validated message); must not raise."""
@@ -517,13 +567,22 @@ class Replicator:
             reason = FAIL_REASON.NOT_LEADER
         elif len(self._queue) + len(cmds) > MAX_QUEUED:
             reason = FAIL_REASON.QUEUE_FULL
+        elif not all(_one_map(c) for c in cmds):
+            # Spliced raw into the entry: one bad command would spoil everyone's batch.
+            reason = FAIL_REASON.REQUEST_DENIED
         if reason is not None:
             self._send_refusal(peer, tokens, reason)
             return
         ttl = min(message["ttl_ms"] / 1000, MAX_RELAY_TTL_S)
         deadline = trio.current_time() + ttl
+        seen = self._seen_relays
         for token, packed in zip(tokens, cmds, strict=True):
+            if (peer, token) in seen:
+                continue  # a copy sent again: the first one is queued or in the log
+            seen[(peer, token)] = None
             self._queue.append(_Pending(packed, ttl, deadline, origin=[peer, token]))
+        while len(seen) > SEEN_RELAYS:
+            del seen[next(iter(seen))]
         self._work.unpark_all()
 
     def _on_results(self, batch: bytes, results: list[list[Any]]) -> None:
@@ -555,9 +614,15 @@ class Replicator:
         if pending.relay is not None:
             self._relayed.pop(pending.token, None)
 
-    def _fail_relays(self, error: ColoniesError) -> None:
-        for token in list(self._relayed):
-            self._resolve_relayed(token, None, error)
+    def _fail_relays(self, error: ColoniesError, unless_to: str | None = None) -> None:
+        for token, pending in list(self._relayed.items()):
+            if unless_to is None or pending.relay is None or pending.relay.leader != unless_to:
+                self._resolve_relayed(token, None, error)
+
+    def _on_snapshot(self) -> None:
+        """A snapshot replaced the state: entries it covers were never applied here, so
+        relayed commands in them will not be resolved by an apply."""
+        self._fail_relays(failure_error(FAIL_REASON.UNKNOWN_OUTCOME))
 
     def _refuse_relayed(self, commands: list[_Pending], reason: int) -> None:
         """On the leader: tell the origins of relayed commands that will not be applied."""
@@ -592,6 +657,7 @@ class Replicator:
             for pending in batch.commands:
                 pending.finish(None, stopping)
         self._in_flight.clear()
+        self._refuse_relayed(list(self._queue), FAIL_REASON.NOT_LEADER)
         for pending in self._queue:
             pending.finish(None, Unavailable("the node is shutting down; the write was not applied"))
         self._queue.clear()

@@ -11,7 +11,7 @@ import trio
 from pysyncobj import FAIL_REASON
 
 from node.raft_transport import RaftMessageRefused, decode_raft_message
-from node.replicator import batch_sources, pack_batch
+from node.replicator import RELAY_RESEND_S, batch_sources, failure_error, pack_batch
 from protocol.errors import Unavailable
 from tests.raft_harness import converged, wait_until
 from tests.test_raft_cluster_memory import cluster
@@ -100,7 +100,7 @@ async def test_relays_outstanding_when_the_leader_changes_fail_with_503(tmp_path
         # The relay vanishes with the old leader; the follower learns of the new one.
         c.network.isolate(old.id, silent=True)
         with trio.fail_after(4):
-            with pytest.raises(Unavailable, match="unknown"):
+            with pytest.raises(Unavailable, match="may or may not be applied"):
                 await follower.put("lost?", timeout=8)
         c.network.heal()
 
@@ -137,3 +137,53 @@ async def test_one_append_entries_per_entry_not_two(tmp_path) -> None:
         assert entries >= 5
         # Two per entry (one with it, one with its commit) without the coalescing.
         assert sent < 2 * entries, (sent, entries)
+
+
+async def test_a_lost_relay_is_sent_again_and_a_copy_is_applied_once(tmp_path) -> None:
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.live() if n is not leader)
+        send_relay = follower.transport.send_relay
+        calls = 0
+
+        def lossy_then_doubled(peer: str, message: dict[str, Any]) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return True  # lost on the way
+            send_relay(peer, message)
+            return send_relay(peer, message)  # and then delivered twice
+
+        follower.transport.send_relay = lossy_then_doubled  # type: ignore[method-assign]
+        with trio.fail_after(RELAY_RESEND_S + 3):
+            assert (await follower.put("once"))[0] == 200
+        assert (await follower.put("twice?"))[0] == 200
+        await wait_until(lambda: converged(c.live(), 2), 5, "replicas to converge")
+        assert leader.machine.values() == ["once", "twice?"]
+
+
+async def test_a_relay_with_a_malformed_command_is_refused_whole(tmp_path) -> None:
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.live() if n is not leader)
+        got: list[dict[str, Any]] = []
+        follower.transport.set_relay_handler(lambda peer, msg: got.append(msg))
+        good = msgpack.packb({"n": "good"})
+        for bad in (b"\x92", good + good, msgpack.packb([1, 2])):
+            got.clear()
+            follower.transport.send_relay(
+                leader.id, {"type": "relay", "cmds": [good, bad], "tokens": [1, 2], "ttl_ms": 500}
+            )
+            await wait_until(lambda: bool(got), 5, "the refusal")
+            assert got == [{"type": "relay_refused", "tokens": [1, 2],
+                            "reason": FAIL_REASON.REQUEST_DENIED}]
+        assert "good" not in leader.machine.values()
+
+
+def test_failures_say_whether_the_write_may_have_been_applied() -> None:
+    for reason in (FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME):
+        assert "may or may not be applied" in failure_error(reason).message
+    for reason in (FAIL_REASON.QUEUE_FULL, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED,
+                   FAIL_REASON.MISSING_LEADER, FAIL_REASON.REQUEST_DENIED):
+        assert "not applied" in failure_error(reason).message
+        assert "may" not in failure_error(reason).message
