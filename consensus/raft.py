@@ -91,6 +91,10 @@ class StateMachine(Protocol):
     def digest(self) -> str: ...
 
 
+# How many ticks a new commit index may wait for the next entry (_flush_append_entries).
+MAX_COMMIT_HOLD_TICKS = 3
+
+
 @dataclass(frozen=True)
 class RaftTimeouts:
     """Seconds. PySyncObj asserts ``min_timeout > 3 * append_entries_period`` (a bare assert,
@@ -363,7 +367,7 @@ class ReplicatedColony(SyncObj):
         self._joining = joining
         self._refused_commands = 0
         self._ae_sent = (0, 0)  # (log end, commit index) the last append-entries carried
-        self._commit_held = False
+        self._commit_held = 0  # ticks a new commit index has waited for an entry to carry it
         # Whether the proposer has a batch about to go in (then a bare commit index waits).
         self.proposal_due: Callable[[], bool] = lambda: False
         self._data_dir = directory
@@ -462,7 +466,7 @@ class ReplicatedColony(SyncObj):
     @property
     def append_entries_held(self) -> bool:
         """A commit index the followers have not heard of waits for the next tick."""
-        return self._commit_held
+        return self._commit_held > 0
 
     # --- append-entries coalescing -----------------------------------------------------------
 
@@ -474,27 +478,28 @@ class ReplicatedColony(SyncObj):
         # Every send, PySyncObj's own (heartbeats, a new leader's first) included, goes here.
         SyncObj._SyncObj__sendAppendEntries(self)
         self._ae_sent = (self.log_end_index, self.commit_index)
-        self._commit_held = False
+        self._commit_held = 0
 
     def _flush_append_entries(self) -> None:
         """With appendEntriesUseBatch PySyncObj only sends heartbeats; the leader sends here,
         at the end of a tick, when new entries or a new commit index are waiting. A commit
-        index alone is held for one tick when the proposer has commands queued: it proposes
+        index alone is held while the proposer has commands queued (a few ticks at most: the
+        ticker and the proposer are separate trio tasks, run in either order): it proposes
         them as soon as the previous entry commits, and that entry then carries the commit
         index, so under load a follower gets one append-entries (and answers once) per entry
         instead of two. Without a backlog the commit index goes out at once."""
         if self._SyncObj__raftState != _RAFT_STATE.LEADER:
-            self._commit_held = False
+            self._commit_held = 0
             return
         end, commit = self.log_end_index, self.commit_index
         sent_end, sent_commit = self._ae_sent
         if end > sent_end:
             self._SyncObj__sendAppendEntries()
         elif commit > sent_commit:
-            if self._commit_held or not self.proposal_due():
+            if self._commit_held >= MAX_COMMIT_HOLD_TICKS or not self.proposal_due():
                 self._SyncObj__sendAppendEntries()
             else:
-                self._commit_held = True
+                self._commit_held += 1
 
     def set_timeouts(self, timeouts: RaftTimeouts) -> None:
         """PySyncObj reads these on every tick and election, so a group that grows from one
