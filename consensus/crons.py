@@ -24,6 +24,7 @@ Ids: a cron's id is its add's generated id; its n-th run's graph id is generator
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -193,12 +194,8 @@ def get_cron(st: ColonyState, req: Request) -> Any:
 
 
 def get_crons(st: ColonyState, req: Request) -> Any:
-    out = []
-    for c in st.crons.of_colony(req.body["colonyname"]):
-        if len(out) >= req.body["count"]:
-            break
-        out.append(c.to_wire())
-    return out
+    found = st.crons.of_colony(req.body["colonyname"])
+    return [c.to_wire() for c in itertools.islice(found, req.body["count"])]
 
 
 WRITES: dict[str, Handler] = {

@@ -21,6 +21,7 @@ Ids: a generator's id is its add's generated id; its n-th run's graph id is sha3
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -183,12 +184,8 @@ def get_generator(st: ColonyState, req: Request) -> Any:
 
 
 def get_generators(st: ColonyState, req: Request) -> Any:
-    out = []
-    for g in st.generators.of_colony(req.body["colonyname"]):
-        if len(out) >= req.body["count"]:
-            break
-        out.append(g.to_wire())
-    return out
+    found = st.generators.of_colony(req.body["colonyname"])
+    return [g.to_wire() for g in itertools.islice(found, req.body["count"])]
 
 
 WRITES: dict[str, Handler] = {

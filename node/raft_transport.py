@@ -492,20 +492,16 @@ class StreamRaftTransport(Transport):
             log.exception("raft transport dropNode failed (ignored)")
 
     def send(self, node: Node, message: Any) -> bool:
-        try:
-            return self._send(str(node.id), message)
-        except Exception:
-            self.counters["send_failures"] += 1
-            self._warn.warning("send", "raft send to %s failed", node, exc_info=True)
-            return False
+        return self.send_to(str(node.id), message)
 
-    def send_relay(self, peer: str, message: dict[str, Any]) -> bool:
-        """A relay message (node/replicator.py) to a member; False when it cannot go."""
+    def send_to(self, peer: str, message: Any) -> bool:
+        """A message to a member: PySyncObj's (through ``send``) or a relay
+        (node/replicator.py). False when it cannot go; never raises."""
         try:
             return self._send(peer, message)
         except Exception:
             self.counters["send_failures"] += 1
-            self._warn.warning("send", "relay send to %s failed", peer, exc_info=True)
+            self._warn.warning("send", "raft send to %s failed", peer, exc_info=True)
             return False
 
     def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None:

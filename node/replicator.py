@@ -135,7 +135,7 @@ def _one_map(packed: bytes) -> bool:
 class RelayLink(Protocol):
     """What the replicator needs of the Raft transport to relay batches to the leader."""
 
-    def send_relay(self, peer: str, message: dict[str, Any]) -> bool: ...
+    def send_to(self, peer: str, message: Any) -> bool: ...
 
     def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None: ...
 
@@ -541,7 +541,7 @@ class Replicator:
             "tokens": [p.token for p in commands],
             "ttl_ms": max(1, int((batch.deadline - now) * 1000)),
         }
-        return self._relay.send_relay(batch.leader, message)
+        return self._relay.send_to(batch.leader, message)
 
     def _next_resend(self) -> float:
         return min((b.resend_at for b in self._in_flight.values()), default=math.inf)
@@ -636,7 +636,7 @@ class Replicator:
     def _send_refusal(self, peer: str, tokens: list[int], reason: int) -> None:
         if self._relay is not None:
             message = {"type": "relay_refused", "tokens": tokens, "reason": reason}
-            self._relay.send_relay(peer, message)
+            self._relay.send_to(peer, message)
 
     # --- shutdown ----------------------------------------------------------------------------
 

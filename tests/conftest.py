@@ -13,8 +13,15 @@ import trio
 from node.client import Client
 from node.daemon import ColonyNode, NodeConfig
 from protocol.identity import PrivateKey
+from tests.machine_harness import Harness
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def h() -> Harness:
+    """A state machine driven directly, with a controlled clock (tests/machine_harness.py)."""
+    return Harness()
 
 
 def vector_key(role: str) -> PrivateKey:

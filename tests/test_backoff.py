@@ -17,11 +17,6 @@ from protocol.messages import CANCELLED, FAILED, RUNNING, SUCCESS, WAITING
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     return {"co": h.colony("dev"), "w1": h.executor("dev", "w1")}
 

@@ -13,11 +13,6 @@ from protocol.messages import RUNNING, WAITING
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     ids = {"co": h.colony("dev")}
     for n in ("w1", "w2", "w3", "w4"):

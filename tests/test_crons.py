@@ -19,11 +19,6 @@ from protocol.messages import CANCELLED, FAILED, PENDING, SUCCESS, WAITING
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     return {
         "co": h.colony("dev"),

@@ -16,11 +16,6 @@ from protocol.messages import MAX_FUNCTION_ARGS, MAX_FUNCTION_DESCRIPTION, PENDI
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     return {
         "co": h.colony("dev"),

@@ -18,11 +18,6 @@ from protocol.messages import MAX_GENERATOR_ARG_BYTES, MAX_GENERATOR_QUEUE, PEND
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     return {
         "co": h.colony("dev"),

@@ -14,11 +14,6 @@ from protocol.errors import BadRequest, InvalidField
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     ids = {"co": h.colony("dev"), "w1": h.executor("dev", "w1"), "w2": h.executor("dev", "w2")}
     ids["co2"] = h.colony("other")

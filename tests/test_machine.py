@@ -71,11 +71,6 @@ NOTHING_ELSE = {
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     """Colony dev with an approved executor 'w1', and colony other with 'o1'."""
     ids = {"co": h.colony("dev"), "w1": h.executor("dev", "w1")}

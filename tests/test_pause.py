@@ -12,11 +12,6 @@ from protocol.messages import RUNNING, WAITING
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     return {
         "co": h.colony("dev"),

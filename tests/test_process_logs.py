@@ -15,11 +15,6 @@ from protocol.messages import MAX_LOG_COUNT, MAX_LOG_LINE_BYTES, MAX_LOG_LINES
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     return {
         "co": h.colony("dev"),

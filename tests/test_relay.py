@@ -85,7 +85,7 @@ async def test_a_relay_to_a_follower_is_refused(tmp_path) -> None:
         got: list[tuple[str, dict[str, Any]]] = []
         a.transport.set_relay_handler(lambda peer, msg: got.append((peer, msg)))
         cmd = msgpack.packb({"n": "x"})
-        assert a.transport.send_relay(b.id, {"type": "relay", "cmds": [cmd], "tokens": [7],
+        assert a.transport.send_to(b.id, {"type": "relay", "cmds": [cmd], "tokens": [7],
                                               "ttl_ms": 1000})
         await wait_until(lambda: bool(got), 5, "the refusal")
         assert got == [(b.id, {"type": "relay_refused", "tokens": [7],
@@ -143,7 +143,7 @@ async def test_a_lost_relay_is_sent_again_and_a_copy_is_applied_once(tmp_path) -
     async with cluster(tmp_path) as c:
         leader = await c.leader()
         follower = next(n for n in c.live() if n is not leader)
-        send_relay = follower.transport.send_relay
+        send_to = follower.transport.send_to
         calls = 0
 
         def lossy_then_doubled(peer: str, message: dict[str, Any]) -> bool:
@@ -151,10 +151,10 @@ async def test_a_lost_relay_is_sent_again_and_a_copy_is_applied_once(tmp_path) -
             calls += 1
             if calls == 1:
                 return True  # lost on the way
-            send_relay(peer, message)
-            return send_relay(peer, message)  # and then delivered twice
+            send_to(peer, message)
+            return send_to(peer, message)  # and then delivered twice
 
-        follower.transport.send_relay = lossy_then_doubled  # type: ignore[method-assign]
+        follower.transport.send_to = lossy_then_doubled  # type: ignore[method-assign]
         with trio.fail_after(RELAY_RESEND_S + 3):
             assert (await follower.put("once"))[0] == 200
         assert (await follower.put("twice?"))[0] == 200
@@ -171,7 +171,7 @@ async def test_a_relay_with_a_malformed_command_is_refused_whole(tmp_path) -> No
         good = msgpack.packb({"n": "good"})
         for bad in (b"\x92", good + good, msgpack.packb([1, 2])):
             got.clear()
-            follower.transport.send_relay(
+            follower.transport.send_to(
                 leader.id, {"type": "relay", "cmds": [good, bad], "tokens": [1, 2], "ttl_ms": 500}
             )
             await wait_until(lambda: bool(got), 5, "the refusal")

@@ -14,11 +14,6 @@ from protocol.messages import CANCELLED, FAILED, SUCCESS
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     ids = {"co": h.colony("dev"), "w1": h.executor("dev", "w1")}
     ids["co2"] = h.colony("other")

@@ -26,11 +26,6 @@ from protocol.messages import (
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
-
-
-@pytest.fixture
 def dev(h: Harness) -> dict[str, str]:
     """Colony dev (owner co) with approved executors w1, w2 (type cli) and g1 (type gpu);
     colony other with o1."""
