@@ -45,6 +45,7 @@ class Log(Protocol):
     def applied_generation(self) -> int: ...
     async def submit(self, cmd: dict, timeout: float = ...) -> list: ...
     async def wait_applied(self, seen: int, deadline: float) -> int: ...
+    def add_apply_listener(self, listener: Callable[[], None]) -> None: ...
 
 
 def derived_nonce(nonce: bytes, i: int) -> bytes:
@@ -52,14 +53,28 @@ def derived_nonce(nonce: bytes, i: int) -> bytes:
     return hashlib.blake2b(nonce + i.to_bytes(4, "big"), digest_size=16).digest()
 
 
+class _AssignWaiter:
+    __slots__ = ("caller", "event", "granted")
+
+    def __init__(self, caller: str) -> None:
+        self.caller = caller
+        self.event = trio.Event()
+        self.granted = False
+
+
 class Dispatcher:
     def __init__(self, log: Log, server_info: Callable[[], dict[str, Any]]) -> None:
         self.log = log
         self.server_info = server_info
-        # Assign proposals in flight per colony. An apply wakes every long-poller; without
-        # this gate all of them would propose an assign for the same new process and all but
-        # one would be refused, a log entry each.
+        # Assign proposals in flight per colony (granted slots). Without this gate every
+        # long-poller would propose an assign for the same new process and all but one would
+        # be refused, a log entry each.
         self._assigning: dict[str, int] = {}
+        # Long-polling assigns per colony, oldest first. Applies do not wake them all: the
+        # apply listener grants a slot to a waiter only when the replica shows a process it
+        # could get beyond the slots already granted, and wakes just that one.
+        self._waiters: dict[str, list[_AssignWaiter]] = {}
+        log.add_apply_listener(self._grant_waiters)
 
     async def handle(self, req: Request) -> Any:
         if req.msgtype == "getserverinfomsg":
@@ -108,11 +123,10 @@ class Dispatcher:
             return await self._write(req, op, req.body, nonce)
         deadline = trio.current_time() + timeout
         tries = 0
-        seen = self.log.applied_generation
-        # Bounded: every pass either waits for an apply or proposes one command.
+        granted = self._try_grant(colony, req.caller)
+        # Bounded: every pass either waits for a grant (or the deadline) or proposes once.
         while True:
-            if self.log.machine.assignable(colony, req.caller) > self._assigning.get(colony, 0):
-                self._assigning[colony] = self._assigning.get(colony, 0) + 1
+            if granted:
                 try:
                     return await self._write(
                         req, op, req.body, derived_nonce(nonce, tries) if tries else nonce
@@ -120,15 +134,55 @@ class Dispatcher:
                 except NotFound:
                     pass  # another executor took it first
                 finally:
-                    left = self._assigning[colony] - 1
-                    if left:
-                        self._assigning[colony] = left
-                    else:
-                        del self._assigning[colony]
+                    self._release(colony)
                 tries += 1
             if trio.current_time() >= deadline:
                 raise NotFound("no process available for assignment")
-            seen = await self.log.wait_applied(seen, deadline)
+            granted = await self._wait_for_grant(colony, req.caller, deadline)
+
+    def _try_grant(self, colony: str, caller: str) -> bool:
+        if self.log.machine.assignable(colony, caller) > self._assigning.get(colony, 0):
+            self._assigning[colony] = self._assigning.get(colony, 0) + 1
+            return True
+        return False
+
+    def _release(self, colony: str) -> None:
+        left = self._assigning[colony] - 1
+        if left:
+            self._assigning[colony] = left
+        else:
+            del self._assigning[colony]
+        self._grant_waiters()  # a refused assign may leave a candidate for another waiter
+
+    def _grant_waiters(self) -> None:
+        for colony, waiters in list(self._waiters.items()):
+            for w in list(waiters):
+                if self._try_grant(colony, w.caller):
+                    waiters.remove(w)
+                    w.granted = True
+                    w.event.set()
+            if not waiters:
+                del self._waiters[colony]
+
+    async def _wait_for_grant(self, colony: str, caller: str, deadline: float) -> bool:
+        """Until the apply listener grants an assign slot (True) or the deadline (False)."""
+        w = _AssignWaiter(caller)
+        self._waiters.setdefault(colony, []).append(w)
+        try:
+            with trio.move_on_at(deadline):
+                await w.event.wait()
+        except BaseException:
+            if w.granted:
+                self._release(colony)
+            raise
+        finally:
+            if not w.granted:
+                waiters = self._waiters.get(colony)
+                if waiters is not None and w in waiters:
+                    waiters.remove(w)
+                    if not waiters:
+                        del self._waiters[colony]
+        return w.granted
 
     async def _close_assign(self, req: Request) -> Any:
         result = await self._write(req, "closeassignmsg", req.body, req.nonce)

@@ -45,6 +45,9 @@ log = logging.getLogger("colonies.membership")
 MEMBERS_FILE = "cluster.json"
 REMOVED_FILE = "removed"
 CHECK_EVERY_S = 0.5
+# Applies wake the check (a membership entry should take effect at once), but under load there
+# are hundreds a second; member changes are rare, so check at most this often.
+MIN_CHECK_GAP_S = 0.05
 CHANGE_RETRY_S = 1.0
 # A removed node may never hear the entry that drops it (the leader stops talking to it
 # first); it leaves once it has heard from no leader for this long.
@@ -141,6 +144,7 @@ class Membership:
                     await self.ask_if_cut_off()
                 except Exception:
                     log.exception("asking the members about this node failed (retrying)")
+            await trio.sleep(MIN_CHECK_GAP_S)
             await self._replicator.wait_applied(seen, trio.current_time() + CHECK_EVERY_S)
 
     def check(self) -> None:

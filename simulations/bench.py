@@ -600,6 +600,7 @@ def batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "ticks": d.get("ticks", 0),
         "ticks_per_request": per("ticks", "requests_in"),
         "raft_messages_sent": d.get("raft_sent", 0),
+        "raft_writes": d.get("raft_writes", 0),
         "raft_sent_by_type": {k.split(":", 1)[1]: v for k, v in sorted(d.items())
                               if k.startswith("raft_sent:") and v},
         "applied": {k.split(":", 1)[1]: v for k, v in sorted(d.items())

@@ -572,6 +572,11 @@ class PySpy:
 
     py-spy is not a project dependency: `.venv/bin/pip install py-spy`. It writes its output
     when it gets SIGINT, so stop() sends that first.
+
+    Only samples that hold the GIL count (--gil). With the nodes and clients sharing two cores,
+    a process is often preempted inside a syscall that released the GIL (a loopback send wakes
+    its reader); without --gil those samples made socket sends look like 15% of a node's CPU,
+    where /proc says system time is about 7% in all.
     """
 
     def __init__(self, pid: int, out: Path, workdir: Path, rate: int = 250) -> None:
@@ -582,7 +587,7 @@ class PySpy:
         self.child = ChildProcess(
             f"py-spy-{pid}",
             [str(exe), "record", "--pid", str(pid), "--rate", str(rate),
-             "--format", "raw", "--output", str(out)],
+             "--format", "raw", "--gil", "--output", str(out)],
             workdir,
             dict(os.environ),
         )

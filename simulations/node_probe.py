@@ -36,6 +36,8 @@ import node.rpc_server as rpc_mod
 from consensus.raft import ReplicatedColony
 
 COUNTERS: Counter[str] = Counter()
+# The Raft transports of this node (their own counters include libp2p writes).
+TRANSPORTS: list[Any] = []
 HIST: dict[str, Counter[int]] = {"req_per_frame": Counter(), "replies_per_frame": Counter(),
                                  "cmds_per_entry": Counter()}
 
@@ -103,7 +105,22 @@ def install() -> None:
         COUNTERS[f"raft_sent:{kind}"] += 1
         return send(self, node, message)
 
+    send_to = StreamRaftTransport.send_to
+
+    def counted_send_to(self: StreamRaftTransport, peer: str, message: Any) -> bool:
+        if isinstance(message, dict) and message.get("type") in ("relay", "relay_refused"):
+            COUNTERS[f"raft_sent:{message['type']}"] += 1
+        return send_to(self, peer, message)
+
+    init = StreamRaftTransport.__init__
+
+    def kept_init(self: StreamRaftTransport, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        TRANSPORTS.append(self)
+
     StreamRaftTransport.send = counted_send  # type: ignore[method-assign]
+    StreamRaftTransport.send_to = counted_send_to  # type: ignore[method-assign]
+    StreamRaftTransport.__init__ = kept_init  # type: ignore[method-assign]
     ColonyMachine.apply = counted_apply  # type: ignore[method-assign]
     rpc_mod.decode_requests = counted_decode
     rpc_mod.encode_replies = counted_encode
@@ -131,6 +148,7 @@ def watch_gc() -> None:
 
 def snapshot() -> dict[str, Any]:
     out: dict[str, Any] = dict(COUNTERS)
+    out["raft_writes"] = sum(t.counters["writes"] for t in TRANSPORTS)
     out["hist"] = {k: dict(sorted(v.items())) for k, v in HIST.items()}
     return out
 
