@@ -27,6 +27,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
+from node import tcp_read_buffer
 from protocol.errors import BadRequest, Unavailable
 from protocol.identity import PrivateKey
 
@@ -37,6 +38,7 @@ log = logging.getLogger("colonies.p2p")
 # request (measured in simulations/bench.py). 0 sends them as go-yamux does, per 128 KB.
 # Read at call time, so setting it before the first host is built is enough.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+tcp_read_buffer.install()
 
 
 def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
@@ -151,3 +153,4 @@ async def connect(host: IHost, addr: str, timeout: float = 5.0) -> PeerID:
     except Exception as e:
         raise Unavailable(f"cannot connect to {addr}: {e}") from None
     return peer_id
+
