@@ -210,8 +210,10 @@ class Membership:
         if self._left_book_at is None:
             self._left_book_at = now
             log.warning("this node was removed from the member book; leaving the cluster")
+        # The leader may drop us from its group before it sends us the entry that does it;
+        # then no leader talks to us any more (PySyncObj still names the last one).
         let_go = self._self not in colony.member_ids or (
-            colony.leader_id is None and now - self._left_book_at > REMOVED_GRACE_S
+            not self._hears_leader() and now - self._left_book_at > REMOVED_GRACE_S
         )
         if colony.is_leader and not let_go:
             # A leader cannot remove itself: it steps aside and the next leader removes it.

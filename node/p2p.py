@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,18 +26,14 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
-from node import tcp_read_buffer
+from node import libp2p_tuning
 from protocol.errors import BadRequest, Unavailable
 from protocol.identity import PrivateKey
 
 log = logging.getLogger("colonies.p2p")
 
-# py-libp2p's yamux sends a window update after every read by default, each its own Noise
-# message and socket write, which the peer then has to process: it cost ~35% of the CPU per
-# request (measured in simulations/bench.py). 0 sends them as go-yamux does, per 128 KB.
-# Read at call time, so setting it before the first host is built is enough.
-os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
-tcp_read_buffer.install()
+# Yamux window updates per half window and buffered TCP reads (see the module).
+libp2p_tuning.install()
 
 
 def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
@@ -153,4 +148,3 @@ async def connect(host: IHost, addr: str, timeout: float = 5.0) -> PeerID:
     except Exception as e:
         raise Unavailable(f"cannot connect to {addr}: {e}") from None
     return peer_id
-

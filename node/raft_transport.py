@@ -891,13 +891,14 @@ class StreamRaftTransport(Transport):
                 continue
             if not session.current or self._destroyed:
                 return False
-            self._deliver(node, body)
-            delivered = True
+            delivered |= self._deliver(node, body)
         if delivered:
             self._kick()
         return True
 
-    def _deliver(self, node: Node, body: bytes) -> None:
+    def _deliver(self, node: Node, body: bytes) -> bool:
+        """True when PySyncObj got a message (it acts on it in its next tick); relays go to
+        the replicator, which wakes its own proposer."""
         try:
             message = decode_raft_message(body)
         except RaftMessageRefused as e:
@@ -907,7 +908,7 @@ class StreamRaftTransport(Transport):
             self._warn.warning(
                 "bad:" + str(node.id), "dropped a raft message from %s: %s", node.id, e
             )
-            return
+            return False
         self.counters["messages_received"] += 1
         if message["type"] in RELAY_TYPES:
             handler = self._relay_handler
@@ -917,7 +918,7 @@ class StreamRaftTransport(Transport):
                 except Exception:
                     self.counters["callback_errors"] += 1
                     self._warn.warning("cb", "relay handler raised", exc_info=True)
-            return
+            return False
         try:
             self._onMessageReceived(node, message)
         except Exception:
@@ -926,6 +927,7 @@ class StreamRaftTransport(Transport):
                 "cb", "PySyncObj raised on a %s message from %s", message["type"], node.id,
                 exc_info=True,
             )
+        return True
 
 
 async def _reset(stream: Any) -> None:

@@ -504,7 +504,9 @@ class Replicator:
             for pending in commands:
                 pending.finish(None, Unavailable(f"write not proposed: {e}"))
             return
-        self._tick_again = True
+        # Only a one-node group commits in the tick after (see _tick); with others, their
+        # answers bring the commit, and a second tick now would do nothing.
+        self._tick_again = not self._colony.otherNodes
         self.kick()
 
     def _on_batch_done(self, batch: _Batch, result: Any, reason: int) -> None:

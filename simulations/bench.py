@@ -51,7 +51,7 @@ other_cpu_util above ~0.2 is skewed).
 
 Every run is bounded by --timeout; a failed or timed-out run prints
 {"bench": ..., "error": ...} and the script exits 1. Environment variables are passed on to the
-node, so e.g. `PY_YAMUX_RELEASE_ON_READ=0 make bench` measures a libp2p setting on both sides.
+node, so e.g. `PY_YAMUX_DATA_READ_TIMEOUT=30 make bench` measures a libp2p setting on both sides.
 
 Diagnostics: --probe runs the node(s) with batching counters (simulations/node_probe.py:
 requests per frame, commands per Raft entry, refused commands, snapshot pauses) and adds them
@@ -601,6 +601,7 @@ def batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "ticks_per_request": per("ticks", "requests_in"),
         "raft_messages_sent": d.get("raft_sent", 0),
         "raft_writes": d.get("raft_writes", 0),
+        "yamux_window_updates": d.get("yamux_window_updates", 0),
         "raft_sent_by_type": {k.split(":", 1)[1]: v for k, v in sorted(d.items())
                               if k.startswith("raft_sent:") and v},
         "applied": {k.split(":", 1)[1]: v for k, v in sorted(d.items())

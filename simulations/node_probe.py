@@ -118,6 +118,14 @@ def install() -> None:
         init(self, *args, **kwargs)
         TRANSPORTS.append(self)
 
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+    swu = YamuxStream.send_window_update
+
+    async def counted_swu(self: Any, *a: Any, **k: Any) -> None:
+        COUNTERS["yamux_window_updates"] += 1
+        await swu(self, *a, **k)
+
+    YamuxStream.send_window_update = counted_swu  # type: ignore[method-assign]
     StreamRaftTransport.send = counted_send  # type: ignore[method-assign]
     StreamRaftTransport.send_to = counted_send_to  # type: ignore[method-assign]
     StreamRaftTransport.__init__ = kept_init  # type: ignore[method-assign]
