@@ -11,7 +11,13 @@ import trio
 from pysyncobj import FAIL_REASON
 
 from node.raft_transport import RaftMessageRefused, decode_raft_message
-from node.replicator import RELAY_RESEND_S, batch_sources, failure_error, pack_batch
+from node.replicator import (
+    MAX_RELAYS_IN_FLIGHT,
+    RELAY_RESEND_S,
+    batch_sources,
+    failure_error,
+    pack_batch,
+)
 from protocol.errors import Unavailable
 from tests.raft_harness import converged, wait_until
 from tests.test_raft_cluster_memory import cluster
@@ -137,6 +143,36 @@ async def test_one_append_entries_per_entry_not_two(tmp_path) -> None:
         assert entries >= 5
         # Two per entry (one with it, one with its commit) without the coalescing.
         assert sent < 2 * entries, (sent, entries)
+
+
+async def test_a_follower_keeps_several_relays_outstanding(tmp_path) -> None:
+    """Its relays resolve only when the commit index of their entry arrives with the next
+    append-entries; meanwhile it sends the writes queued since (up to the bound)."""
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.live() if n is not leader)
+        outstanding: list[int] = []
+        send_to = follower.transport.send_to
+
+        def spy(peer: str, message: dict[str, Any]) -> bool:
+            if message["type"] == "relay":
+                outstanding.append(follower.replicator.status()["in_flight"])
+            return send_to(peer, message)
+
+        follower.transport.send_to = spy  # type: ignore[method-assign]
+        c.network.set_faults(delay=(0.01, 0.01))
+
+        async def writer(k: int) -> None:
+            for i in range(4):
+                await trio.sleep(0.003 * k)
+                assert (await follower.put(k * 10 + i))[0] == 200
+
+        async with trio.open_nursery() as nursery:
+            for k in range(8):
+                nursery.start_soon(writer, k)
+        assert 1 < max(outstanding) <= MAX_RELAYS_IN_FLIGHT, outstanding
+        c.network.set_faults()
+        await wait_until(lambda: converged(c.live(), 32), 5, "replicas to converge")
 
 
 async def test_a_lost_relay_is_sent_again_and_a_copy_is_applied_once(tmp_path) -> None:
