@@ -54,7 +54,8 @@ Every run is bounded by --timeout; a failed or timed-out run prints
 node, so e.g. `PY_YAMUX_DATA_READ_TIMEOUT=30 make bench` measures a libp2p setting on both sides.
 
 Diagnostics: --probe runs the node(s) with batching counters (simulations/node_probe.py:
-requests per frame, commands per Raft entry, refused commands, snapshot pauses) and adds them
+requests per frame, commands per Raft entry, Raft messages and libp2p writes, relays, yamux
+window updates, refused commands, snapshot pauses) and adds them
 as `node_batching` (per node on a cluster); --py-spy DIR records the node(s) and the client(s)
 during lifecycle runs (collapsed stacks; summarize with simulations/stacks.py);
 --cprofile-node DIR writes a cProfile of each lifecycle node.
