@@ -325,6 +325,7 @@ class StreamRaftTransport(Transport):
         # code path runs.
         self._faults = faults
         self._relay_handler: Callable[[str, dict[str, Any]], None] | None = None
+        self._session_handler: Callable[[str], None] | None = None
         if faults is not None:
             faults.listeners.append(self._on_fault_plan)
         if not 0 < heartbeat < silent_after:
@@ -506,6 +507,11 @@ class StreamRaftTransport(Transport):
 
     def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None:
         self._relay_handler = handler
+
+    def set_session_handler(self, handler: Callable[[str], None] | None) -> None:
+        """``handler(peer)`` after every new session with a member: frames queued on the
+        one before it, if any, may be lost (a relay waiting for its answer, say)."""
+        self._session_handler = handler
 
     def destroy(self) -> None:
         """Called by SyncObj.destroy (ReplicatedColony.close): no callback into PySyncObj after
@@ -773,6 +779,8 @@ class StreamRaftTransport(Transport):
                 )
                 if old is None:
                     self._callback(self._onNodeConnected, self._node(peer))
+                if self._session_handler is not None:
+                    self._callback(self._session_handler, peer)
                 self._notify_change()
                 self._kick()
                 # Neither task lets an exception out: mixed with the Cancelled of an outer
@@ -812,11 +820,11 @@ class StreamRaftTransport(Transport):
             self._notify_change()
             self._kick()
 
-    def _callback(self, fn: Callable[[Node], None], node: Node) -> None:
+    def _callback(self, fn: Callable[[Any], None], arg: Any) -> None:
         if self._destroyed:
             return
         try:
-            fn(node)
+            fn(arg)
         except Exception:
             self.counters["callback_errors"] += 1
             log.exception("raft connection callback raised (ignored)")

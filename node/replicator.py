@@ -148,6 +148,8 @@ class RelayLink(Protocol):
 
     def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None: ...
 
+    def set_session_handler(self, handler: Callable[[str], None] | None) -> None: ...
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -248,6 +250,7 @@ class Replicator:
         self._seen_relays: dict[tuple[str, int], None] = {}  # on the leader, oldest first
         if relay is not None:
             relay.set_relay_handler(self._on_relay_message)
+            relay.set_session_handler(self._on_session)
             colony.on_results = self._on_results
             colony.on_snapshot = self._on_snapshot
 
@@ -586,6 +589,16 @@ class Replicator:
                 if waiting:
                     self._transmit(batch, waiting, now)
 
+    def _on_session(self, peer: str) -> None:
+        """A new session with ``peer``: relays to it may have died with the old one, so send
+        them again now rather than after RELAY_RESEND_S (the leader drops copies)."""
+        now = trio.current_time()
+        for batch in self._in_flight.values():
+            if batch.leader == peer and batch.unresolved > 0:
+                batch.resend_at = now
+        self._work.unpark_all()
+        self._slot_freed.unpark_all()
+
     def _on_relay_message(self, peer: str, message: dict[str, Any]) -> None:
         """From the transport (a member peer, a validated message); must not raise."""
         if message["type"] == "relay_refused":
@@ -696,6 +709,7 @@ class Replicator:
         self._relayed.clear()
         if self._relay is not None:
             self._relay.set_relay_handler(None)
+            self._relay.set_session_handler(None)
             self._colony.on_results = None
         self._colony.on_applied = None
         self._colony.close()

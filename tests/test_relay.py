@@ -10,6 +10,7 @@ import pytest
 import trio
 from pysyncobj import FAIL_REASON
 
+from consensus.raft import RaftTimeouts
 from node.raft_transport import RaftMessageRefused, decode_raft_message
 from node.replicator import (
     MAX_RELAYS_IN_FLIGHT,
@@ -196,6 +197,46 @@ async def test_a_lost_relay_is_sent_again_and_a_copy_is_applied_once(tmp_path) -
         assert (await follower.put("twice?"))[0] == 200
         await wait_until(lambda: converged(c.live(), 2), 5, "replicas to converge")
         assert leader.machine.values() == ["once", "twice?"]
+
+
+async def test_relays_are_sent_again_as_soon_as_a_new_session_is_up(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay lost with its session goes again when the session is back, not after the
+    resend period (made far too long here to be what brings the write through)."""
+    monkeypatch.setattr("node.replicator.RELAY_RESEND_S", 60.0)
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.live() if n is not leader)
+        # No election while the follower redials (0.3-0.5 s): that would fail the relay
+        # with "outcome unknown" instead, which is another test's subject.
+        for node in c.live():
+            node.colony.set_timeouts(RaftTimeouts(0.05, 5.0, 6.0))
+        await trio.sleep(0.3)  # heartbeats carry the new election deadlines to the followers
+        send_to = follower.transport.send_to
+        lost: list[str] = []
+
+        def lose_the_first(peer: str, message: dict[str, Any]) -> bool:
+            if message["type"] == "relay" and not lost:
+                lost.append(peer)
+                return True  # as if queued on a session that then broke
+            return send_to(peer, message)
+
+        follower.transport.send_to = lose_the_first  # type: ignore[method-assign]
+
+        async def blip() -> None:
+            await wait_until(lambda: bool(lost), 5, "the relay")
+            c.network.isolate(follower.id)  # its sessions break
+            await trio.sleep(0.05)
+            c.network.heal()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(blip)
+                assert (await follower.put("after the blip", timeout=10))[0] == 200
+        assert lost == [leader.id]
+        await wait_until(lambda: converged(c.live(), 1), 5, "replicas to converge")
+        assert leader.machine.values() == ["after the blip"]
 
 
 async def test_a_relay_with_a_malformed_command_is_refused_whole(tmp_path) -> None:
