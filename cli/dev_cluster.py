@@ -79,7 +79,7 @@ class ClusterNode:
         return f"/ip4/127.0.0.1/tcp/{self.port}"
 
     def has_state(self) -> bool:
-        from consensus.raft import DUMP_FILE, JOURNAL_FILE
+        from node.raft_replica import DUMP_FILE, JOURNAL_FILE
 
         return any((self.dir / f).exists() for f in (JOURNAL_FILE, DUMP_FILE))
 

@@ -22,13 +22,6 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 
-from consensus.raft import (
-    DUMP_FILE,
-    GROUP_TIMEOUTS,
-    JOURNAL_FILE,
-    SOLO_TIMEOUTS,
-    ReplicatedColony,
-)
 from node.client import Client
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
@@ -37,7 +30,15 @@ from node.log_context import set_log_node
 from node.membership import Membership, NodeRemoved, check_not_removed, load_members, save_members
 from node.metrics import Metrics
 from node.p2p import full_addrs, parse_peer_addr, running_host
-from node.raft_transport import Libp2pRaftTransport
+from node.raft_libp2p import libp2p_raft_transport
+from node.raft_replica import (
+    DUMP_FILE,
+    GROUP_TIMEOUTS,
+    JOURNAL_FILE,
+    SOLO_TIMEOUTS,
+    ReplicatedColony,
+)
+from node.raft_transport import RaftTransport
 from node.replicator import Replicator
 from node.rpc_server import RPC_PROTOCOL_ID, RpcServer
 from node.ticker import run_timeouts
@@ -127,7 +128,7 @@ class ColonyNode:
         self.config = config
         self.data = DataDir(config.data_dir)
         self.replicator: Replicator | None = None
-        self.transport: Libp2pRaftTransport | None = None
+        self.transport: RaftTransport | None = None
         self.membership: Membership | None = None
         self.announce = ""
         self.rpc: RpcServer | None = None
@@ -179,7 +180,7 @@ class ColonyNode:
             self.announce = self._announce_addr()
             others, joining = await self._initial_members()
             faults = FaultFile(self.config.fault_file) if self.config.fault_file else None
-            transport = Libp2pRaftTransport(
+            transport = libp2p_raft_transport(
                 host,
                 self.peer_id,
                 others,
@@ -189,7 +190,7 @@ class ColonyNode:
             raft = ReplicatedColony(
                 self.peer_id,
                 list(others),
-                self.config.data_dir,
+                self.data,
                 transport=transport,
                 timeouts=GROUP_TIMEOUTS if others else SOLO_TIMEOUTS,
                 joining=joining,

@@ -34,8 +34,8 @@ import trio
 from pysyncobj import FAIL_REASON
 from pysyncobj.node import Node
 
-from consensus.raft import GROUP_TIMEOUTS, SOLO_TIMEOUTS, ReplicatedColony
-from node.raft_transport import StreamRaftTransport
+from node.raft_replica import GROUP_TIMEOUTS, SOLO_TIMEOUTS, ReplicatedColony
+from node.raft_transport import RaftTransport
 from node.replicator import Replicator
 from protocol.errors import BadRequest
 from protocol.schema import multiaddr, peer_id
@@ -101,7 +101,7 @@ class Membership:
         self,
         data_dir: Path,
         colony: ReplicatedColony,
-        transport: StreamRaftTransport,
+        transport: RaftTransport,
         replicator: Replicator,
         on_removed: Callable[[], None],
         ask_member: Callable[[str], Awaitable[dict[str, Any] | None]] | None = None,

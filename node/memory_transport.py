@@ -1,9 +1,9 @@
 """The in-memory twin of the libp2p Raft transport, for tests: several in-process nodes on one
 ``MemoryNetwork`` that can drop, delay and partition on demand.
 
-``MemoryRaftTransport`` is ``node.raft_transport.StreamRaftTransport`` (sessions, framing,
-allow-list, heartbeats, PySyncObj callbacks: the production code) over in-memory byte pipes
-instead of libp2p streams. Messages are msgpack-encoded and framed exactly as on the wire, so
+``network.transport(...)`` is a ``node.raft_transport.RaftTransport`` (sessions, framing,
+allow-list, heartbeats, PySyncObj callbacks: the production code) over a ``MemoryStreamLayer``
+of in-memory byte pipes instead of libp2p streams. Messages are msgpack-encoded and framed exactly as on the wire, so
 what a test sees PySyncObj receive is what it would receive from libp2p.
 
 Faults act on whole frames (the pipe re-frames what a writer writes):
@@ -33,7 +33,10 @@ from typing import Any
 import msgpack
 import trio
 
-from node.raft_transport import HEARTBEAT, RAFT_MAX_FRAME_BYTES, StreamRaftTransport
+from node.faults import FaultFile
+from node.raft_codec import HEARTBEAT, RAFT_MAX_FRAME_BYTES
+from node.raft_faults import FaultyStreamLayer
+from node.raft_transport import AcceptStream, RaftStream, RaftTransport, StreamLayer
 from protocol.framing import FrameDecoder, encode_frame
 
 
@@ -175,7 +178,7 @@ class MemoryNetwork:
         self.delay = (0.0, 0.0)
         self.frames_dropped = 0
         self.connections_refused = 0
-        self._hosts: dict[str, MemoryRaftTransport] = {}
+        self._hosts: dict[str, MemoryStreamLayer] = {}
         self._pipes: set[_Pipe] = set()
         self._groups: list[frozenset[str]] | None = None
         self._silent = False
@@ -197,9 +200,19 @@ class MemoryNetwork:
         return f"/memory/{peer_id}"
 
     def transport(
-        self, self_id: str, members: Mapping[str, str | None], **kwargs: Any
-    ) -> MemoryRaftTransport:
-        return MemoryRaftTransport(self, self_id, members, **kwargs)
+        self,
+        self_id: str,
+        members: Mapping[str, str | None],
+        *,
+        faults: FaultFile | None = None,
+        **kwargs: Any,
+    ) -> RaftTransport:
+        """A Raft transport for ``self_id`` on this network (with fault injection from
+        ``faults`` on top, as ``colonyd --fault-file`` does)."""
+        layer: StreamLayer = MemoryStreamLayer(self, self_id)
+        if faults is not None:
+            layer = FaultyStreamLayer(layer, faults)
+        return RaftTransport(self_id, members, layer, **kwargs)
 
     # --- faults ----------------------------------------------------------------------------------
 
@@ -274,29 +287,41 @@ class MemoryNetwork:
             raise ConnectionRefusedError(f"{dst} is not listening")
         pipe = _Pipe(self, src, dst)
         self._pipes.add(pipe)
-        self._spawn(target._accept, src, pipe.ends[1])
+        self._spawn(target.deliver, src, pipe.ends[1])
         return pipe.ends[0]
 
 
-class MemoryRaftTransport(StreamRaftTransport):
-    """A ``StreamRaftTransport`` on a ``MemoryNetwork``; same API as ``Libp2pRaftTransport``."""
+class MemoryStreamLayer:
+    """The stream layer of one node on a ``MemoryNetwork``."""
 
-    def __init__(
-        self,
-        network: MemoryNetwork,
-        self_id: str,
-        members: Mapping[str, str | None],
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, network: MemoryNetwork, self_id: str) -> None:
         self._network = network
-        super().__init__(self_id, members, **kwargs)
+        self._self_id = self_id
+        self._accept: AcceptStream | None = None
 
-    def _start_listening(self) -> None:
-        self._network._hosts[self.self_id] = self
+    def check_addr(self, peer: str, addr: str) -> str | None:
+        return addr
 
-    def _stop_listening(self) -> None:
-        if self._network._hosts.get(self.self_id) is self:
-            del self._network._hosts[self.self_id]
+    def listen(self, accept: AcceptStream) -> None:
+        self._accept = accept
+        self._network._hosts[self._self_id] = self
 
-    async def _open_stream(self, peer: str, addr: str) -> _Endpoint:
-        return await self._network._connect(self.self_id, peer)
+    def stop_listening(self) -> None:
+        if self._network._hosts.get(self._self_id) is self:
+            del self._network._hosts[self._self_id]
+        self._accept = None
+
+    async def deliver(self, src: str, stream: _Endpoint) -> None:
+        if self._accept is None:
+            await stream.reset()
+            return
+        await self._accept(src, stream)
+
+    async def open_stream(self, peer: str, addr: str) -> RaftStream:
+        return await self._network._connect(self._self_id, peer)
+
+    async def forget_connection(self, peer: str) -> None:
+        """Pipes are per stream here: there is no shared connection to drop."""
+
+    def stats(self) -> dict[str, int]:
+        return {}

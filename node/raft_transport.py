@@ -1,14 +1,11 @@
-"""PySyncObj's Raft traffic over libp2p streams, driven from the trio loop (no threads).
+"""PySyncObj's Raft transport: one session per pair of members over a stream layer, driven
+from the trio loop (no threads).
 
-One long-lived stream per pair of cluster members (protocol ``/colonies/raft/1.0.0``) on the
-node's own libp2p host: no second port, Noise-authenticated peer ids, and the Raft node id *is*
-the libp2p peer id, so the Raft member list and the transport's allow-list are one list.
-
-Wire: a 4-byte length prefix (``protocol.framing``) and a msgpack map per Raft message
-(``use_bin_type=True``), or a one-byte heartbeat body (msgpack nil). A frame is at most
-``RAFT_MAX_FRAME_BYTES`` (4 MiB); an append-entries message bigger than that is sent as
-several consecutive append-entries (PySyncObj batches up to ``appendEntriesBatchSizeBytes``
-of entries plus one more, each entry below ``MAX_ENTRY_BYTES``).
+The streams come from a ``StreamLayer``: libp2p in production (``node/raft_libp2p.py``: one
+stream per pair on the node's own host, Noise-authenticated peer ids, so the Raft node id *is*
+the libp2p peer id and the member list is the allow-list), an in-memory network in the tests
+(``node/memory_transport.py``), and either wrapped by fault injection in chaos runs
+(``node/raft_faults.py``). What crosses a stream is checked by ``node/raft_codec.py``.
 
 How PySyncObj is driven (see ``notes/raft-over-libp2p.md``):
 
@@ -37,23 +34,14 @@ so they agree without talking); a newer session from the same initiator replaces
 from peer ids not on the member list are reset before a byte is read. The accepting end
 writes a heartbeat frame first and the dialing end counts its session as up only once that
 arrived, so a dialer that is refused (not yet a member over there) never reports the peer
-connected, even for a moment. Each dial attempt clears
-libp2p's negative dial cache first (``node.p2p.connect``) and is bounded by ``DIAL_TIMEOUT_S``;
-failed attempts retry every 0.3-0.5 s until cancelled.
+connected, even for a moment. Each dial attempt is bounded by ``DIAL_TIMEOUT_S``; failed
+attempts retry every 0.3-0.5 s until cancelled.
 
-Hung peers: libp2p notices a dead peer (EOF) but never a hung one. Each writer sends a
+Hung peers: a stream notices a dead peer (EOF) but never a hung one. Each writer sends a
 heartbeat frame after ``HEARTBEAT_S`` without a write, and a reader that hears nothing for
-``PEER_SILENT_S`` ends the session and closes the libp2p connection (so the next dial opens a
-fresh one instead of reusing the hung one). Raft's own timeouts still decide leadership; this
-only frees the session and its queue, and lets PySyncObj see the peer as disconnected.
-
-Security: only members exchange Raft traffic. A message is checked against the shape
-PySyncObj 0.3.17 sends for its type and rebuilt from the known fields (entries back to
-``(command, idx, term)`` tuples, snapshot chunks to ``(data, is_first, is_last)``); anything
-else is dropped. Messages carrying a ``transmission`` chunk are always dropped: PySyncObj
-would ``pickle.loads`` the reassembled chunks, and our entries never need them. The pickle
-left in MEMBERSHIP/VERSION commands is parsed with a restricted unpickler by
-``consensus.raft.ReplicatedColony``.
+``PEER_SILENT_S`` ends the session and drops the underlying connection (so the next dial opens
+a fresh one instead of reusing the hung one). Raft's own timeouts still decide leadership;
+this only frees the session and its queue, and lets PySyncObj see the peer as disconnected.
 """
 
 from __future__ import annotations
@@ -61,29 +49,27 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import msgpack
 import trio
-from libp2p.abc import IHost
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID as PeerID
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
-from consensus.raft import MAX_ENTRY_BYTES
-from node.faults import FaultFile, FaultPlan
-from node.p2p import connect, parse_peer_addr
-from protocol.errors import ColoniesError
-from protocol.framing import MAX_FRAME_BYTES, FrameDecoder, encode_frame, unpack_untrusted
+from node.raft_codec import (
+    HEARTBEAT,
+    HEARTBEAT_FRAME,
+    RAFT_MAX_FRAME_BYTES,
+    RELAY_TYPES,
+    RaftMessageRefused,
+    decode_raft_message,
+    encode_raft_message,
+    sheddable,
+)
+from protocol.framing import FrameDecoder, encode_frame
 
 log = logging.getLogger("colonies.raft.transport")
-
-RAFT_PROTOCOL_ID = "/colonies/raft/1.0.0"
-RAFT_MAX_FRAME_BYTES = MAX_FRAME_BYTES  # 4 MiB: one entry (< MAX_ENTRY_BYTES) always fits
-assert RAFT_MAX_FRAME_BYTES >= MAX_ENTRY_BYTES + 64 * 1024
 
 READ_SIZE = 65536
 WRITE_CHUNK_BYTES = 1024 * 1024  # a writer drains up to this much into one write
@@ -96,177 +82,37 @@ MAX_QUEUED_BYTES = 16 * 1024 * 1024  # soft: beyond it, entry-carrying append-en
 MAX_QUEUED_BYTES_HARD = 256 * 1024 * 1024  # beyond it (or MAX_QUEUED_FRAMES) the session drops
 MAX_QUEUED_FRAMES = 65536
 
-HEARTBEAT = b"\xc0"  # msgpack nil: never a Raft message
-_HEARTBEAT_FRAME = encode_frame(HEARTBEAT)
+
+class RaftStream(Protocol):
+    """An ordered, reliable byte stream to one member (a libp2p stream, an in-memory pipe)."""
+
+    async def read(self, n: int = ...) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    async def reset(self) -> None: ...
 
 
-class RaftMessageRefused(ValueError):
-    """A received frame that is not a Raft message PySyncObj 0.3.17 could have sent."""
+# The transport's handler for an inbound stream from an authenticated peer id.
+AcceptStream = Callable[[str, RaftStream], Awaitable[None]]
 
 
-class RaftMessageTooLarge(ValueError):
-    """A message that cannot be split into frames under the limit (a bug upstream)."""
+class StreamLayer(Protocol):
+    """Where a RaftTransport's streams come from."""
 
+    def check_addr(self, peer: str, addr: str) -> str | None:
+        """The address to dial for ``peer``, or None if ``addr`` cannot be it."""
 
-# --- the codec (pure) ----------------------------------------------------------------------------
+    def listen(self, accept: AcceptStream) -> None:
+        """Start handing inbound streams (with the peer id the layer proved) to ``accept``."""
 
+    def stop_listening(self) -> None: ...
 
-def _uint(v: object) -> bool:
-    return type(v) is int and v >= 0  # type(): bool is not an int here
+    async def open_stream(self, peer: str, addr: str) -> RaftStream:
+        """A new stream to ``peer`` at ``addr`` (raise on failure; bounded by the caller)."""
 
+    async def forget_connection(self, peer: str) -> None:
+        """Drop the underlying connection to a peer that went silent."""
 
-def _opt_uint(v: object) -> bool:
-    return v is None or _uint(v)
-
-
-def _bool(v: object) -> bool:
-    return type(v) is bool
-
-
-def _command(v: object) -> bool:
-    return type(v) is bytes and 0 < len(v) <= MAX_ENTRY_BYTES
-
-
-# Per message type: required fields and optional fields, with their checks. These are all the
-# messages PySyncObj 0.3.17 sends through a Transport (syncobj.py); utility messages only
-# exist in TCPTransport's handshake and are not part of this protocol.
-_REQUIRED: dict[str, dict[str, Callable[[object], bool]]] = {
-    "request_vote": {"term": _uint, "last_log_index": _uint, "last_log_term": _uint},
-    "response_vote": {"term": _uint},
-    "timeout_now": {"term": _uint},
-    "next_node_idx": {"next_node_idx": _uint, "reset": _bool, "success": _bool},
-    "apply_command": {"command": _command},
-    "apply_command_response": {"request_id": _uint},
-    "append_entries": {"term": _uint, "commit_index": _uint},
-}
-_OPTIONAL: dict[str, dict[str, Callable[[object], bool]]] = {
-    "apply_command": {"request_id": _uint},
-    "apply_command_response": {"error": _uint, "log_idx": _uint, "log_term": _uint},
-    "append_entries": {"prevLogIdx": _opt_uint, "prevLogTerm": _opt_uint},
-}
-
-
-# Our own messages on the same streams (node/replicator.py): a follower relays a batch of
-# commands to the leader, which may refuse it. Never handed to PySyncObj.
-RELAY_TYPES = frozenset({"relay", "relay_refused"})
-MAX_RELAY_COMMANDS = 4096
-
-
-def _tokens(v: object) -> bool:
-    return type(v) is list and 0 < len(v) <= MAX_RELAY_COMMANDS and all(_uint(t) for t in v)
-
-
-def _commands(v: object) -> bool:
-    return type(v) is list and 0 < len(v) <= MAX_RELAY_COMMANDS and all(_command(c) for c in v)
-
-
-_REQUIRED["relay"] = {"cmds": _commands, "tokens": _tokens, "ttl_ms": _uint}
-_REQUIRED["relay_refused"] = {"tokens": _tokens, "reason": _uint}
-
-
-def _entries(v: object) -> list[tuple[bytes, int, int]]:
-    if type(v) is not list:
-        raise RaftMessageRefused("append_entries entries must be an array")
-    out: list[tuple[bytes, int, int]] = []
-    for e in v:
-        if type(e) is not list or len(e) != 3 or not _command(e[0]):
-            raise RaftMessageRefused("an entry must be [command bytes, index, term]")
-        if not (_uint(e[1]) and _uint(e[2])):
-            raise RaftMessageRefused("an entry's index and term must be unsigned ints")
-        out.append((e[0], e[1], e[2]))
-    return out
-
-
-def _snapshot_chunk(v: object) -> tuple[bytes, bool, bool] | None:
-    if v is None:
-        return None
-    if type(v) is not list or len(v) != 3:
-        raise RaftMessageRefused("a snapshot chunk must be [data, is_first, is_last]")
-    data, first, last = v
-    if type(data) is not bytes or not (_bool(first) and _bool(last)):
-        raise RaftMessageRefused("a snapshot chunk must be [bytes, bool, bool]")
-    return (data, first, last)
-
-
-def decode_raft_message(body: bytes) -> dict[str, Any]:
-    """A frame body as the dict PySyncObj expects, or RaftMessageRefused.
-
-    Only known fields are copied; lists that PySyncObj sent as tuples become tuples again.
-    """
-    try:
-        msg = unpack_untrusted(body, "raft message")
-    except ColoniesError as e:
-        raise RaftMessageRefused(e.message) from None
-    if type(msg) is not dict:
-        raise RaftMessageRefused("a raft message must be a map")
-    if "transmission" in msg:
-        # Chunks of one pickled entry, which PySyncObj would pickle.loads once reassembled.
-        raise RaftMessageRefused("chunked ('transmission') entries are not accepted")
-    kind = msg.get("type")
-    required = _REQUIRED.get(kind) if type(kind) is str else None
-    if required is None:
-        raise RaftMessageRefused(f"unknown raft message type {str(kind)[:40]!r}")
-    out: dict[str, Any] = {"type": kind}
-    for name, check in required.items():
-        if name not in msg or not check(msg[name]):
-            raise RaftMessageRefused(f"{kind} needs a valid {name!r}")
-        out[name] = msg[name]
-    for name, check in _OPTIONAL.get(kind, {}).items():
-        if name in msg:
-            if not check(msg[name]):
-                raise RaftMessageRefused(f"{kind} has an invalid {name!r}")
-            out[name] = msg[name]
-    if kind == "append_entries":
-        if "prevLogIdx" in out:
-            if "prevLogTerm" not in out:
-                raise RaftMessageRefused("append_entries with prevLogIdx needs prevLogTerm")
-            out["entries"] = _entries(msg.get("entries", []))
-        elif "serialized" in msg:
-            out["serialized"] = _snapshot_chunk(msg["serialized"])
-    elif kind == "apply_command_response" and "error" not in out:
-        if "log_idx" not in out or "log_term" not in out:
-            raise RaftMessageRefused("apply_command_response needs an error or log_idx/log_term")
-    elif kind == "relay" and len(out["cmds"]) != len(out["tokens"]):
-        raise RaftMessageRefused("relay needs one token per command")
-    return out
-
-
-def encode_raft_message(message: Mapping[str, Any], max_body: int = RAFT_MAX_FRAME_BYTES) -> list[bytes]:
-    """A Raft message as one or more frame bodies of at most ``max_body`` bytes.
-
-    Only append-entries can be too big; it is split into consecutive append-entries (the
-    second half's prevLogIdx/prevLogTerm are the first half's last entry), which a follower
-    handles exactly like PySyncObj's own pipelined batches.
-    """
-    body = msgpack.packb(message, use_bin_type=True)
-    if len(body) <= max_body:
-        return [body]
-    entries = message.get("entries")
-    if (
-        message.get("type") != "append_entries"
-        or "prevLogIdx" not in message
-        or not isinstance(entries, list | tuple)
-        or len(entries) < 2
-    ):
-        raise RaftMessageTooLarge(
-            f"raft {message.get('type')!r} message of {len(body)} bytes exceeds {max_body}"
-        )
-    mid = len(entries) // 2
-    head, tail = list(entries[:mid]), list(entries[mid:])
-    last = head[-1]
-    first_part = {**message, "entries": head}
-    second_part = {**message, "entries": tail, "prevLogIdx": last[1], "prevLogTerm": last[2]}
-    return encode_raft_message(first_part, max_body) + encode_raft_message(second_part, max_body)
-
-
-def _sheddable(message: Mapping[str, Any]) -> bool:
-    """Append-entries with entries: PySyncObj re-sends them when the follower's ack shows the
-    gap. Never snapshot chunks (a lost chunk corrupts the follower's dump) nor control
-    messages (small, and losing them only slows Raft down)."""
-    return message.get("type") == "append_entries" and bool(message.get("entries"))
-
-
-# --- sessions ------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]: ...
 
 
 @dataclass(eq=False)
@@ -294,13 +140,13 @@ class _RateLimitedLog:
             log.warning(msg, *args)
 
 
-class StreamRaftTransport(Transport):
-    """The PySyncObj transport over any ordered, reliable byte streams between members.
+class RaftTransport(Transport):
+    """The PySyncObj transport over the streams of a ``StreamLayer``.
 
-    Subclasses say how to open a stream to a member and how inbound streams arrive (libp2p
-    here, an in-memory network in ``node/memory_transport.py``); sessions, framing, the
-    allow-list, heartbeats and PySyncObj's callbacks live here, so the tests' in-memory twin
-    runs the same code as production.
+    The layer says how to open a stream to a member and how inbound streams arrive (libp2p,
+    or an in-memory network in the tests); sessions, framing, the allow-list, heartbeats and
+    PySyncObj's callbacks live here, so the tests' in-memory twin runs the same code as
+    production.
 
     Everything is called from the trio thread. ``ready`` is True from the start (with
     ``autoTick=False`` the SyncObj constructor busy-loops until it is).
@@ -310,6 +156,7 @@ class StreamRaftTransport(Transport):
         self,
         self_id: str,
         members: Mapping[str, str | None],
+        layer: StreamLayer,
         *,
         heartbeat: float = HEARTBEAT_S,
         silent_after: float = PEER_SILENT_S,
@@ -318,16 +165,11 @@ class StreamRaftTransport(Transport):
         max_frame_bytes: int = RAFT_MAX_FRAME_BYTES,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         on_members_changed: Callable[[dict[str, str | None]], None] | None = None,
-        faults: FaultFile | None = None,
     ) -> None:
         super().__init__(None, None, [])
-        # Chaos runs only (colonyd --fault-file): None everywhere else, and then no fault
-        # code path runs.
-        self._faults = faults
+        self._layer = layer
         self._relay_handler: Callable[[str, dict[str, Any]], None] | None = None
         self._session_handler: Callable[[str], None] | None = None
-        if faults is not None:
-            faults.listeners.append(self._on_fault_plan)
         if not 0 < heartbeat < silent_after:
             raise ValueError("need 0 < heartbeat < silent_after")
         self.self_id = self_id
@@ -371,7 +213,6 @@ class StreamRaftTransport(Transport):
             ),
             0,
         )
-        self.counters["fault_dropped"] = 0
         for peer, addr in members.items():
             self._add(peer, addr, override=True)
 
@@ -400,6 +241,7 @@ class StreamRaftTransport(Transport):
     def stats(self) -> dict[str, Any]:
         return {
             **self.counters,
+            **self._layer.stats(),
             "members": sorted(self._members),
             "connected": self.connected,
             "queued_bytes": {p: s.queued_bytes for p, s in sorted(self._sessions.items())},
@@ -426,15 +268,11 @@ class StreamRaftTransport(Transport):
         self._remove(peer_id)
         self._members_changed()
 
-    def _check_addr(self, peer: str, addr: str) -> str | None:
-        """The address to dial for ``peer``, or None if ``addr`` cannot be it."""
-        return addr
-
     def _add(self, peer: str, addr: str | None, *, override: bool) -> None:
         if not isinstance(peer, str) or not peer or peer == self.self_id:
             return
         if addr is not None:
-            addr = self._check_addr(peer, addr)
+            addr = self._layer.check_addr(peer, addr)
         if peer not in self._members or (override and addr is not None) or (
             self._members[peer] is None and addr is not None
         ):
@@ -530,8 +368,6 @@ class StreamRaftTransport(Transport):
         session = self._sessions.get(peer)
         if session is None or self._destroyed:
             return False
-        if self._faults is not None and self._fault_drops(peer, message):
-            return True  # lost on the way, as far as the sender can tell
         if "transmission" in message:
             # Never produced for our entries (< appendEntriesBatchSizeBytes); the receiver
             # would drop it anyway.
@@ -541,7 +377,7 @@ class StreamRaftTransport(Transport):
         bodies = encode_raft_message(message, self._max_frame)
         frames = [encode_frame(b) for b in bodies]
         size = sum(len(f) for f in frames)
-        if session.queued_bytes + size > self._max_queued and _sheddable(message):
+        if session.queued_bytes + size > self._max_queued and sheddable(message):
             self.counters["shed"] += 1
             return False
         if session.queued_bytes + size > MAX_QUEUED_BYTES_HARD:
@@ -557,25 +393,6 @@ class StreamRaftTransport(Transport):
             session.queued_bytes += len(frame)
         self.counters["frames_sent"] += len(frames)
         return True
-
-    def _fault_drops(self, peer: str, message: Any) -> bool:
-        """Whether the fault plan loses this message. Never a snapshot chunk: a stream
-        never loses one in the middle while staying up, and the follower's dump would be
-        corrupt (the same reason _sheddable spares them)."""
-        assert self._faults is not None
-        if self._faults.blocks(peer) or ("serialized" not in message and self._faults.drops()):
-            self.counters["fault_dropped"] += 1
-            return True
-        return False
-
-    def _on_fault_plan(self, plan: FaultPlan) -> None:
-        """A partition cuts the sessions with blocked peers at once (and _attempt/_accept
-        refuse new ones until it heals)."""
-        for peer in plan.block:
-            session = self._sessions.get(peer)
-            if session is not None:
-                self._end_session(session)
-        self._notify_change()
 
     def _overflow(self, session: _Session) -> bool:
         self.counters["queue_overflows"] += 1
@@ -598,7 +415,7 @@ class StreamRaftTransport(Transport):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._running = True
-                self._start_listening()
+                self._layer.listen(self._accept)
                 for peer in list(self._members):
                     self._ensure_dialer(peer)
                 task_status.started()
@@ -611,7 +428,7 @@ class StreamRaftTransport(Transport):
         self._running = False
         if was_running:
             try:
-                self._stop_listening()
+                self._layer.stop_listening()
             except Exception:
                 log.exception("raft transport: removing the stream handler failed")
         for session in list(self._live):
@@ -622,19 +439,6 @@ class StreamRaftTransport(Transport):
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         self._notify_change()
-
-    def _start_listening(self) -> None:
-        raise NotImplementedError
-
-    def _stop_listening(self) -> None:
-        raise NotImplementedError
-
-    async def _open_stream(self, peer: str, addr: str) -> Any:
-        """A new stream to ``peer`` at ``addr`` (raise on failure; bounded by the caller)."""
-        raise NotImplementedError
-
-    async def _forget_connection(self, peer: str) -> None:
-        """Drop the underlying connection to a peer that went silent."""
 
     # --- dialing ---------------------------------------------------------------------------------
 
@@ -684,12 +488,9 @@ class StreamRaftTransport(Transport):
         """A stream to ``peer`` whose accepting end said hello: (stream, its decoder, the
         frame bodies that came with the hello), or None."""
         stream = None
-        if self._faults is not None and self._faults.blocks(peer):
-            self.counters["dial_failures"] += 1
-            return None
         try:
             with trio.fail_after(self._dial_timeout):
-                stream = await self._open_stream(peer, addr)
+                stream = await self._layer.open_stream(peer, addr)
                 decoder = FrameDecoder(self._max_frame)
                 while True:
                     data = await stream.read(READ_SIZE)
@@ -715,7 +516,7 @@ class StreamRaftTransport(Transport):
     async def _forget(self, peer: str) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
             try:
-                await self._forget_connection(peer)
+                await self._layer.forget_connection(peer)
             except Exception as e:
                 log.debug("closing the connection to %s failed: %r", peer, e)
 
@@ -723,8 +524,7 @@ class StreamRaftTransport(Transport):
 
     async def _accept(self, peer: str, stream: Any) -> None:
         """An inbound stream from ``peer`` (already authenticated by the caller)."""
-        blocked = self._faults is not None and self._faults.blocks(peer)
-        if not self._running or peer == self.self_id or peer not in self._members or blocked:
+        if not self._running or peer == self.self_id or peer not in self._members:
             self.counters["inbound_refused"] += 1
             self._warn.warning(
                 "refused:" + peer, "refused a raft stream from non-member %s", peer
@@ -840,7 +640,7 @@ class StreamRaftTransport(Transport):
     async def _writer(self, session: _Session) -> None:
         recv, stream = session.recv, session.stream
         if session.initiator != self.self_id:
-            await stream.write(_HEARTBEAT_FRAME)  # the hello the dialing end waits for
+            await stream.write(HEARTBEAT_FRAME)  # the hello the dialing end waits for
         while True:
             frames: list[bytes] = []
             with trio.move_on_after(self._heartbeat):
@@ -849,7 +649,7 @@ class StreamRaftTransport(Transport):
                 except trio.EndOfChannel:
                     return
             if not frames:
-                await stream.write(_HEARTBEAT_FRAME)
+                await stream.write(HEARTBEAT_FRAME)
                 continue
             size = len(frames[0])
             while size < WRITE_CHUNK_BYTES:
@@ -884,10 +684,6 @@ class StreamRaftTransport(Transport):
                 return
             if not data:
                 return
-            if self._faults is not None and self._faults.delay_s > 0:
-                # A slow link: each read waits delay_s before delivery, in order (latency,
-                # and a cap on throughput as a congested link has).
-                await trio.sleep(self._faults.delay_s)
             self._last_heard[session.peer] = time.monotonic()
             if not self._deliver_all(session, node, decoder.feed(data)):  # framing errors raise
                 return
@@ -944,56 +740,3 @@ async def _reset(stream: Any) -> None:
             await stream.reset()
         except Exception:
             pass
-
-
-class Libp2pRaftTransport(StreamRaftTransport):
-    """The Raft transport on the node's libp2p host.
-
-    ``members``: the OTHER members, peer id -> full multiaddr ``/ip4/../tcp/../p2p/<id>``
-    (None when unknown: that peer must dial us). Start ``run`` in the node's nursery (it
-    registers the stream handler); ``ReplicatedColony.close()`` (via ``destroy``) or
-    cancelling ``run`` stops it.
-    """
-
-    RAFT_PROTOCOL_ID = RAFT_PROTOCOL_ID
-
-    def __init__(
-        self, host: IHost, self_id: str, members: Mapping[str, str | None], **kwargs: Any
-    ) -> None:
-        self._host = host
-        super().__init__(self_id, members, **kwargs)
-
-    def _check_addr(self, peer: str, addr: str) -> str | None:
-        try:
-            pid, _ = parse_peer_addr(addr)
-        except ColoniesError as e:
-            log.warning("ignoring raft member address %r: %s", addr, e.message)
-            return None
-        if pid.to_string() != peer:
-            log.warning("ignoring raft member address %r: it is not %s's", addr, peer)
-            return None
-        return addr
-
-    def _start_listening(self) -> None:
-        self._host.set_stream_handler(TProtocol(RAFT_PROTOCOL_ID), self._handle_stream)
-
-    def _stop_listening(self) -> None:
-        self._host.remove_stream_handler(TProtocol(RAFT_PROTOCOL_ID))
-
-    async def _handle_stream(self, stream: Any) -> None:
-        try:
-            # Noise proved that the remote holds this id's key (the host allows nothing else).
-            peer = stream.muxed_conn.peer_id.to_string()
-        except Exception:
-            await _reset(stream)
-            return
-        await self._accept(peer, stream)
-
-    async def _open_stream(self, peer: str, addr: str) -> Any:
-        await connect(self._host, addr, timeout=self._dial_timeout)
-        return await self._host.new_stream(
-            PeerID.from_base58(peer), [TProtocol(RAFT_PROTOCOL_ID)]
-        )
-
-    async def _forget_connection(self, peer: str) -> None:
-        await self._host.get_network().close_peer(PeerID.from_base58(peer))

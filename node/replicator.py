@@ -39,7 +39,9 @@ import msgpack
 import trio
 from pysyncobj import FAIL_REASON
 
-from consensus.raft import MAX_ENTRY_BYTES, CorruptRaftState, ReplicatedColony, StateMachine
+from node.raft_codec import MAX_ENTRY_BYTES
+from node.raft_dump import CorruptRaftState
+from node.raft_replica import ReplicatedColony, StateMachine
 from protocol.errors import (
     BadRequest,
     ColoniesError,

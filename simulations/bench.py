@@ -806,7 +806,7 @@ async def failover(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
                    f"process after another (call timeout {FAILOVER_CALL_TIMEOUT_S:g} s); "
                    "seconds = kill to the first acknowledged write sent after it; the killed "
                    "node restarts and catches up before the next kill"),
-        "raft_timeouts": "consensus/raft.py GROUP_TIMEOUTS",
+        "raft_timeouts": "node/raft_replica.py GROUP_TIMEOUTS",
     }
 
 

@@ -8,7 +8,7 @@ Runs `cli.daemon.main` unchanged, with thin wrappers (no behaviour change) aroun
 - node.rpc_server.encode_replies: reply frames written (one stream write each), replies in them;
 - node.replicator.pack_batch: Raft entries proposed, commands in them;
 - ReplicatedColony.doTick: ticks;
-- StreamRaftTransport.send: Raft messages sent, by type;
+- RaftTransport.send: Raft messages sent, by type;
 - ColonyMachine.apply: applied commands by op, and the refused ones by op and error;
 - the garbage collector: collections and their pauses per generation;
 - ReplicatedColony._write_dump: snapshots written (log compaction), and how long they took
@@ -33,7 +33,7 @@ from typing import Any
 
 import node.replicator as replicator_mod
 import node.rpc_server as rpc_mod
-from consensus.raft import ReplicatedColony
+from node.raft_replica import ReplicatedColony
 
 COUNTERS: Counter[str] = Counter()
 # The Raft transports of this node (their own counters include libp2p writes).
@@ -95,26 +95,26 @@ def install() -> None:
             COUNTERS[f"refused:{op}:{type(e).__name__}"] += 1
             raise
 
-    from node.raft_transport import StreamRaftTransport
+    from node.raft_transport import RaftTransport
 
-    send = StreamRaftTransport.send
+    send = RaftTransport.send
 
-    def counted_send(self: StreamRaftTransport, node: Any, message: Any) -> bool:
+    def counted_send(self: RaftTransport, node: Any, message: Any) -> bool:
         kind = message.get("type") if isinstance(message, dict) else "?"
         COUNTERS["raft_sent"] += 1
         COUNTERS[f"raft_sent:{kind}"] += 1
         return send(self, node, message)
 
-    send_to = StreamRaftTransport.send_to
+    send_to = RaftTransport.send_to
 
-    def counted_send_to(self: StreamRaftTransport, peer: str, message: Any) -> bool:
+    def counted_send_to(self: RaftTransport, peer: str, message: Any) -> bool:
         if isinstance(message, dict) and message.get("type") in ("relay", "relay_refused"):
             COUNTERS[f"raft_sent:{message['type']}"] += 1
         return send_to(self, peer, message)
 
-    init = StreamRaftTransport.__init__
+    init = RaftTransport.__init__
 
-    def kept_init(self: StreamRaftTransport, *args: Any, **kwargs: Any) -> None:
+    def kept_init(self: RaftTransport, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         TRANSPORTS.append(self)
 
@@ -126,9 +126,9 @@ def install() -> None:
         await swu(self, *a, **k)
 
     YamuxStream.send_window_update = counted_swu  # type: ignore[method-assign]
-    StreamRaftTransport.send = counted_send  # type: ignore[method-assign]
-    StreamRaftTransport.send_to = counted_send_to  # type: ignore[method-assign]
-    StreamRaftTransport.__init__ = kept_init  # type: ignore[method-assign]
+    RaftTransport.send = counted_send  # type: ignore[method-assign]
+    RaftTransport.send_to = counted_send_to  # type: ignore[method-assign]
+    RaftTransport.__init__ = kept_init  # type: ignore[method-assign]
     ColonyMachine.apply = counted_apply  # type: ignore[method-assign]
     rpc_mod.decode_requests = counted_decode
     rpc_mod.encode_replies = counted_encode

@@ -13,8 +13,8 @@ from typing import Any
 import msgpack
 import trio
 
-from consensus.raft import RaftTimeouts, ReplicatedColony
-from node.raft_transport import StreamRaftTransport
+from node.raft_replica import RaftTimeouts, ReplicatedColony
+from node.raft_transport import RaftTransport
 from node.replicator import Replicator
 from protocol.errors import ColoniesError
 
@@ -53,7 +53,7 @@ class FakeMachine:
 class RaftNode:
     id: str
     data_dir: Path
-    transport: StreamRaftTransport
+    transport: RaftTransport
     colony: ReplicatedColony
     replicator: Replicator
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -81,7 +81,7 @@ class RaftNode:
 def build_node(
     node_id: str,
     data_dir: Path,
-    transport: StreamRaftTransport,
+    transport: RaftTransport,
     partners: Iterable[str],
     timeouts: RaftTimeouts,
     *,

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from pysyncobj import FAIL_REASON
 
-from consensus.raft import GROUP_TIMEOUTS, SOLO_TIMEOUTS
 from node.membership import (
     MEMBERS_FILE,
     Membership,
@@ -20,6 +19,7 @@ from node.membership import (
     load_members,
     save_members,
 )
+from node.raft_replica import GROUP_TIMEOUTS, SOLO_TIMEOUTS
 from protocol.errors import BadRequest
 
 A = "16Uiu2HAmMmu7o74vsbemwzENv8XTtQxKzKCkJTTAiS3ddBgfwwqJ"

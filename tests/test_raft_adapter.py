@@ -1,4 +1,4 @@
-"""consensus/raft.py: a one-node ReplicatedColony on disk, ticked by hand (no trio here)."""
+"""node/raft_replica.py: a one-node ReplicatedColony on disk, ticked by hand (no trio here)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ import pysyncobj.pickle
 import pytest
 from pysyncobj import FAIL_REASON
 
-from consensus.raft import (
+from node.datadir import DataDirLocked
+from node.raft_codec import MAX_ENTRY_BYTES
+from node.raft_dump import CorruptRaftState, decode_dump, encode_dump
+from node.raft_replica import (
     DUMP_FILE,
     JOURNAL_FILE,
-    MAX_ENTRY_BYTES,
-    CorruptRaftState,
     NullTransport,
     ReplicatedColony,
-    decode_dump,
-    encode_dump,
 )
 
 SELF = "16Uiu2HAmSelfNodeForTests"
@@ -293,7 +292,7 @@ def test_guards(tmp_path, open_colony):
     with pytest.raises(ValueError, match="needs a transport"):
         ReplicatedColony(SELF, ["16Uiu2HAmPeer"], tmp_path / "other", FakeMachine())
     colony = open_colony()
-    with pytest.raises(RuntimeError, match="in use"):
+    with pytest.raises(DataDirLocked, match="in use"):
         ReplicatedColony(SELF, [], tmp_path, FakeMachine())
     with pytest.raises(ValueError, match="exceeds"):
         colony.propose(b"\x00" * MAX_ENTRY_BYTES, lambda r, e: None)

@@ -13,8 +13,8 @@ import trio
 from pysyncobj import FAIL_REASON
 from pysyncobj.node import Node
 
-from consensus.raft import RaftTimeouts
 from node.memory_transport import MemoryNetwork
+from node.raft_replica import RaftTimeouts
 from protocol.errors import ColoniesError, RequestTimeout, Unavailable
 from tests.raft_harness import (
     RaftNode,

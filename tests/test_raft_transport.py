@@ -1,4 +1,4 @@
-"""node/raft_transport.py: the Raft codec, the pickle guards, and a 3-node cluster on real
+"""node/raft_transport.py and its parts: the Raft codec, the pickle guards, and a 3-node cluster on real
 libp2p hosts (127.0.0.1), each node driven by its own Replicator in one trio test."""
 
 from __future__ import annotations
@@ -20,25 +20,22 @@ from pysyncobj import FAIL_REASON
 from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE
 
-from consensus.raft import (
-    GROUP_TIMEOUTS,
+from node.p2p import connect, full_addrs, peer_id_of, running_host
+from node.pickle_guard import (
     MEMBERSHIP_GLOBALS,
-    NullTransport,
-    ReplicatedColony,
     parse_membership_command,
     parse_version_command,
     restricted_loads,
 )
-from node.p2p import connect, full_addrs, peer_id_of, running_host
-from node.raft_transport import (
+from node.raft_codec import (
     HEARTBEAT,
-    RAFT_PROTOCOL_ID,
-    Libp2pRaftTransport,
     RaftMessageRefused,
     RaftMessageTooLarge,
     decode_raft_message,
     encode_raft_message,
 )
+from node.raft_libp2p import RAFT_PROTOCOL_ID, libp2p_raft_transport
+from node.raft_replica import GROUP_TIMEOUTS, NullTransport, ReplicatedColony
 from protocol.errors import ColoniesError
 from protocol.framing import FrameDecoder, encode_frame
 from protocol.identity import PrivateKey
@@ -287,7 +284,7 @@ async def serve_p2p_node(
         with scope:
             async with running_host(spec.key, [f"/ip4/127.0.0.1/tcp/{spec.port}"]) as host:
                 assert full_addrs(host) == [spec.addr]
-                transport = Libp2pRaftTransport(host, spec.id, members)
+                transport = libp2p_raft_transport(host, spec.id, members)
                 node = build_node(
                     spec.id, spec.data_dir, transport, members, GROUP_TIMEOUTS, host=host
                 )
@@ -466,7 +463,7 @@ async def test_three_libp2p_nodes_replicate_refuse_outsiders_and_fail_over(tmp_p
 def test_member_addresses_must_name_the_member():
     a, b = (peer_id_of(PrivateKey.generate()).to_string() for _ in range(2))
     addr_b = f"/ip4/127.0.0.1/tcp/4001/p2p/{b}"
-    transport = Libp2pRaftTransport(None, a, {b: f"/ip4/127.0.0.1/tcp/4001/p2p/{a}"})
+    transport = libp2p_raft_transport(None, a, {b: f"/ip4/127.0.0.1/tcp/4001/p2p/{a}"})
     assert transport.members == {b: None}  # another peer's address: ignored
     transport.add_member(b, "not a multiaddr")
     assert transport.members == {b: None}

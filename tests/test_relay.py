@@ -10,8 +10,8 @@ import pytest
 import trio
 from pysyncobj import FAIL_REASON
 
-from consensus.raft import RaftTimeouts
-from node.raft_transport import RaftMessageRefused, decode_raft_message
+from node.raft_codec import RaftMessageRefused, decode_raft_message
+from node.raft_replica import RaftTimeouts
 from node.replicator import (
     MAX_RELAYS_IN_FLIGHT,
     RELAY_RESEND_S,
@@ -114,7 +114,7 @@ async def test_relays_outstanding_when_the_leader_changes_fail_with_503(tmp_path
 
 async def test_one_append_entries_per_entry_not_two(tmp_path) -> None:
     """Under load the leader holds a bare commit index for one tick so that the next entry
-    carries it (consensus/raft.py, _flush_append_entries)."""
+    carries it (node/raft_replica.py, _flush_append_entries)."""
     async with cluster(tmp_path) as c:
         leader = await c.leader()
         follower = next(n for n in c.live() if n is not leader)

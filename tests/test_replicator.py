@@ -15,7 +15,7 @@ import pytest
 import trio
 from pysyncobj import FAIL_REASON
 
-from consensus.raft import NullTransport, ReplicatedColony
+from node.raft_replica import NullTransport, ReplicatedColony
 from node.replicator import MAX_COMMAND_BYTES, Replicator, failure_error, pack_batch
 from protocol.errors import BadRequest, InternalError, RequestTimeout, Unavailable
 

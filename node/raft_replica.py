@@ -27,23 +27,19 @@ divergence), so every call out of this module into user code is wrapped.
 PySyncObj's remaining pickle paths are its own: MEMBERSHIP and VERSION commands, and the
 chunked transfer of a single entry >= ``appendEntriesBatchSizeBytes``. The last one is kept
 unreachable for our batches by ``MAX_ENTRY_BYTES`` (``propose`` refuses anything bigger), and
-the transport (``node/raft_transport.py``) drops any received message that carries a
+the Raft codec (``node/raft_codec.py``) refuses any received message that carries a
 ``transmission`` chunk. The first two never reach ``pickle.loads`` here: MEMBERSHIP commands
 go through ``_SyncObj__parseChangeClusterRequest`` (overridden: a restricted unpickler that
 knows ``pysyncobj.node.Node`` and nothing else, then a shape check), VERSION commands are
-checked the same way and ignored (we have no ``@replicated`` methods, so no code versions).
+checked the same way (``node/pickle_guard.py``) and ignored (we have no ``@replicated`` methods, so no code versions).
 A cluster member can still propose whatever log entries it likes (Raft trusts its members),
 but it cannot make another node run code.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import io
 import logging
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +51,14 @@ from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.transport import Transport
 
+from node.datadir import DataDir
+from node.pickle_guard import parse_membership_command, parse_version_command
+from node.raft_dump import decode_dump, encode_dump
+
 log = logging.getLogger("colonies.raft")
 
 JOURNAL_FILE = "raft.journal"
 DUMP_FILE = "raft.dump"
-LOCK_FILE = "raft.lock"
-DUMP_FORMAT = 1
 
 # A single log entry at or above PySyncObj's appendEntriesBatchSizeBytes is sent to followers
 # as pickle.dumps(entry) in chunks, and unpickled there. Entries must stay below it; the wire
@@ -90,6 +88,11 @@ class StateMachine(Protocol):
 
     def digest(self) -> str: ...
 
+
+# What the parser hands PySyncObj for a refused MEMBERSHIP command: not None (PySyncObj would
+# then take the command for a regular one), and a request type that __doChangeCluster refuses
+# without side effects, so the leader answers REQUEST_DENIED and the other nodes ignore it.
+REFUSED_CHANGE = ("refused", "")
 
 # How many ticks a new commit index may wait for the next entry (_flush_append_entries).
 MAX_COMMIT_HOLD_TICKS = 3
@@ -126,12 +129,6 @@ SOLO_TIMEOUTS = RaftTimeouts(append_entries_period=0.01, min_timeout=0.04, max_t
 GROUP_TIMEOUTS = RaftTimeouts(append_entries_period=0.1, min_timeout=0.4, max_timeout=1.4)
 
 
-class CorruptRaftState(RuntimeError):
-    """The dump on disk (or one sent by the leader) cannot be loaded. PySyncObj only logs
-    this and carries on with a log that starts after the snapshot, i.e. stuck or diverged,
-    so the replicator stops the node instead."""
-
-
 class NullTransport(Transport):
     """The transport of a one-node group: always ready, no peers, every send fails.
 
@@ -165,140 +162,6 @@ class NullTransport(Transport):
         pass
 
 
-def encode_dump(
-    machine_snapshot: dict[str, Any],
-    last: Sequence[Any],
-    prev: Sequence[Any],
-    member_ids: Sequence[str],
-) -> bytes:
-    """The msgpack dump: the machine plus the Raft part PySyncObj needs back on load.
-
-    The machine goes in as its own packed bytes with their sha3 beside them: a checksum that
-    costs one hash of bytes we pack anyway (a canonical digest walk took most of a dump's
-    time, and a dump runs inline in the node's event loop)."""
-    machine = msgpack.packb(machine_snapshot, use_bin_type=True)
-    return msgpack.packb(
-        {
-            "format": DUMP_FORMAT,
-            "last": list(last),
-            "prev": list(prev),
-            "members": sorted(member_ids),
-            "digest": hashlib.sha3_256(machine).hexdigest(),
-            "machine": machine,
-        },
-        use_bin_type=True,
-    )
-
-
-def decode_dump(blob: bytes) -> dict[str, Any]:
-    """Parses and checks the shape of a dump; raises CorruptRaftState on anything else."""
-    try:
-        # strict_map_key=False: the machine's snapshot may use int keys.
-        data = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-    except Exception as e:
-        raise CorruptRaftState(f"raft dump is not msgpack: {e}") from e
-    if not isinstance(data, dict) or data.get("format") != DUMP_FORMAT:
-        raise CorruptRaftState("raft dump has an unknown format")
-    for key in ("last", "prev"):
-        entry = data.get(key)
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and isinstance(entry[0], bytes)
-            and isinstance(entry[1], int)
-            and isinstance(entry[2], int)
-        ):
-            raise CorruptRaftState(f"raft dump has a malformed {key!r} entry")
-    members = data.get("members")
-    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-        raise CorruptRaftState("raft dump has malformed members")
-    machine = data.get("machine")
-    if not isinstance(machine, bytes) or not isinstance(data.get("digest"), str):
-        raise CorruptRaftState("raft dump has no machine snapshot")
-    if hashlib.sha3_256(machine).hexdigest() != data["digest"]:
-        raise CorruptRaftState("raft dump checksum does not match its machine snapshot")
-    try:
-        data["machine"] = msgpack.unpackb(machine, raw=False, strict_map_key=False)
-    except Exception as e:
-        raise CorruptRaftState(f"raft dump machine snapshot is not msgpack: {e}") from e
-    if not isinstance(data["machine"], dict):
-        raise CorruptRaftState("raft dump machine snapshot is not a map")
-    return data
-
-
-# --- PySyncObj's own pickle paths, restricted ---------------------------------------------------
-
-# The only global a MEMBERSHIP command needs: addNodeToCluster/removeNodeFromCluster pickle
-# ['add'|'rem', node_id, Node(node_id, ...)] with protocol 2, where a str-only Node is
-# GLOBAL + NEWOBJ + BUILD (no copyreg, no _codecs: those appear only for bytes attributes).
-MEMBERSHIP_GLOBALS = frozenset({("pysyncobj.node", "Node")})
-MAX_NODE_ID_CHARS = 256
-MAX_NODE_ADDR_CHARS = 1024
-# What the parser hands PySyncObj for a refused MEMBERSHIP command: not None (PySyncObj would
-# then take the command for a regular one), and a request type that __doChangeCluster refuses
-# without side effects, so the leader answers REQUEST_DENIED and the other nodes ignore it.
-_REFUSED_CHANGE = ("refused", "")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals it is given. Every way pickle has to run
-    code (REDUCE, NEWOBJ, BUILD with __setstate__, INST/OBJ, extensions) needs a callable or a
-    class from find_class first, so refusing globals refuses code execution."""
-
-    def __init__(self, data: bytes, allowed: frozenset[tuple[str, str]]) -> None:
-        super().__init__(io.BytesIO(data))
-        self._allowed = allowed
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._allowed:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed here")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not allowed here")
-
-
-def restricted_loads(data: bytes, allowed: frozenset[tuple[str, str]] = frozenset()) -> Any:
-    """pickle.loads that refuses every global not in ``allowed`` (UnpicklingError)."""
-    return _RestrictedUnpickler(bytes(data), allowed).load()
-
-
-def parse_membership_command(payload: bytes) -> list[Any] | None:
-    """A MEMBERSHIP command's pickle (without its type byte) as ``[kind, node_id, Node]``, or
-    None if it is anything else than what addNodeToCluster/removeNodeFromCluster produce.
-
-    The Node is rebuilt from the checked fields rather than returned as unpickled: only its id
-    and an optional ``addr`` string (a libp2p multiaddr the transport may dial) survive.
-    """
-    try:
-        request = restricted_loads(payload, MEMBERSHIP_GLOBALS)
-    except Exception:
-        return None
-    if type(request) is not list or len(request) != 3:
-        return None
-    kind, node_id, node = request
-    if kind not in ("add", "rem") or type(node_id) is not str:
-        return None
-    if not 0 < len(node_id) <= MAX_NODE_ID_CHARS or type(node) is not Node:
-        return None
-    attrs = dict(vars(node))
-    if attrs.pop("_id", None) != node_id:
-        return None
-    addr = attrs.pop("addr", None)
-    if attrs or (addr is not None and (type(addr) is not str or len(addr) > MAX_NODE_ADDR_CHARS)):
-        return None
-    return [kind, node_id, Node(node_id) if addr is None else Node(node_id, addr=addr)]
-
-
-def parse_version_command(payload: bytes) -> int | None:
-    """A VERSION command's pickled int (no globals allowed), or None."""
-    try:
-        version = restricted_loads(payload)
-    except Exception:
-        return None
-    return version if type(version) is int else None
-
-
 def _error_results(batch: bytes, message: str) -> list[list[Any]]:
     """One [500, message] per command of a batch, for an apply that raised."""
     try:
@@ -323,7 +186,7 @@ class ReplicatedColony(SyncObj):
         self,
         self_id: str,
         partner_ids: Sequence[str],
-        data_dir: str | os.PathLike[str],
+        data_dir: str | os.PathLike[str] | DataDir,
         machine: StateMachine | None = None,
         *,
         transport: Transport | None = None,
@@ -346,8 +209,14 @@ class ReplicatedColony(SyncObj):
         if timeouts is None:
             timeouts = GROUP_TIMEOUTS if partners else SOLO_TIMEOUTS
 
-        directory = Path(data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        # One lock per data dir (colonyd.lock): the daemon hands over the DataDir it opened;
+        # a replica given a bare path (tests, tools) takes the lock itself.
+        if isinstance(data_dir, DataDir):
+            self._own_dir = None
+            directory = data_dir.path
+        else:
+            self._own_dir = DataDir(Path(data_dir)).open()
+            directory = self._own_dir.path
         # Helpers go before super().__init__() (the notes' state-capture rule): nothing of the
         # application lives in what PySyncObj would snapshot, and the serializer callbacks below
         # need them as soon as PySyncObj exists.
@@ -371,7 +240,6 @@ class ReplicatedColony(SyncObj):
         # Whether the proposer has a batch about to go in (then a bare commit index waits).
         self.proposal_due: Callable[[], bool] = lambda: False
         self._data_dir = directory
-        self._lock_fd = _lock_data_dir(directory / LOCK_FILE)
 
         conf = SyncObjConf(
             autoTick=False,
@@ -403,7 +271,7 @@ class ReplicatedColony(SyncObj):
                 transport=transport,
             )
         except BaseException:
-            os.close(self._lock_fd)
+            self._release_dir()
             raise
 
     # --- the state ---------------------------------------------------------------------------
@@ -604,7 +472,7 @@ class ReplicatedColony(SyncObj):
         if request is None:
             self._refused_commands += 1
             log.error("refused a malformed raft MEMBERSHIP command (%d bytes)", len(command))
-            return list(_REFUSED_CHANGE)
+            return list(REFUSED_CHANGE)
         return request
 
     def _SyncObj__connectedToAnyone(self) -> bool:
@@ -700,7 +568,12 @@ class ReplicatedColony(SyncObj):
             self.destroy()  # autoTick=False: transport.destroy() + journal mmap flush and close
         finally:
             self._close_wakeup_pipe()
-            os.close(self._lock_fd)
+            self._release_dir()
+
+    def _release_dir(self) -> None:
+        if self._own_dir is not None:
+            self._own_dir.close()
+            self._own_dir = None
 
     def _close_wakeup_pipe(self) -> None:
         # PySyncObj never closes the pipe it creates in nobatch mode: 2 fds per instance.
@@ -713,14 +586,3 @@ class ReplicatedColony(SyncObj):
                     os.close(fd)
                 except OSError:
                     pass
-
-
-def _lock_data_dir(path: Path) -> int:
-    """Two replicas on one journal corrupt it silently; make that a clear error instead."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RuntimeError(f"raft data dir {path.parent} is in use by another replica") from None
-    return fd
