@@ -15,10 +15,9 @@ batch runs S seconds after its first argument was packed. The node decides the r
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
-from cli import schedule_render
+from cli import json_text, schedule_render
 from cli.errors import UsageError
 from cli.workflow_cmds import Group, Leaf, positive_int, workflow_from_file
 
@@ -44,8 +43,8 @@ def _arg(ctx: Context) -> Any:  # noqa: ANN401 - any JSON value
     if not ctx.args.json:
         return ctx.args.arg
     try:
-        return json.loads(ctx.args.arg)
-    except json.JSONDecodeError as e:
+        return json_text.loads(ctx.args.arg)
+    except ValueError as e:
         raise UsageError(f"--arg is not valid JSON (drop --json to pack it as text): {e}") from None
 
 

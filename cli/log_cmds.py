@@ -11,12 +11,11 @@ JSON list, or with --follow one JSON object per line as they come.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from cli import render
+from cli import json_text, render
 from protocol.messages import MAX_LOG_COUNT
 
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ def line_text(line: dict[str, Any]) -> str:
 
 def _print(ctx: Context, line: dict[str, Any]) -> None:
     if ctx.json:
-        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        sys.stdout.write(json_text.dumps(line, separators=(",", ":")) + "\n")
     else:
         sys.stdout.write(line_text(line) + "\n")
     sys.stdout.flush()

@@ -23,7 +23,6 @@ reachable node that reports a leader, 130 on Ctrl-C (`status --watch` ends on Ct
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cli import process_follow, render
+from cli import json_text, process_follow, render
 from cli.config import Config, ConfigError, load_config
 from cli.errors import UsageError
 from protocol.errors import ColoniesError
@@ -301,8 +300,8 @@ def spec_from_file(ctx: Context, path: str) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"cannot read spec file {path}: {e.strerror}") from None
     try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as e:
+        spec = json_text.loads(text)
+    except ValueError as e:
         raise UsageError(f"spec file {path} is not valid JSON: {e}") from None
     if not isinstance(spec, dict):
         raise UsageError(f"spec file {path} must hold a JSON object (a function spec)")

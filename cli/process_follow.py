@@ -14,7 +14,6 @@ removed that long after they ended: export what you want to keep before the wind
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
-from cli import render
+from cli import json_text, render
 from cli.errors import UsageError
 from protocol.messages import MAX_RETENTION_S, STATE_NAMES
 
@@ -60,7 +59,7 @@ def _ns(seconds: float) -> int:
 
 
 def _json_line(value: Any, out: IO[str]) -> None:  # noqa: ANN401 - any process dict
-    out.write(json.dumps(value, separators=(",", ":"), default=render.fmt_value) + "\n")
+    out.write(json_text.dumps(value, default=render.fmt_value, separators=(",", ":")) + "\n")
 
 
 async def cmd_wait(ctx: Context) -> int:

@@ -8,7 +8,6 @@ unset); tables show times in local time and states by name.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import sys
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli import json_text
 from protocol.messages import EXECUTOR_STATE_NAMES, STATE_NAMES
 
 NEVER_NS = 2**63 - 1  # the machine's "no deadline" clamp
@@ -50,7 +50,7 @@ def fmt_value(v: Any) -> str:
     """One user value (an arg, an output item) as text: strings as they are, the rest as JSON."""
     if isinstance(v, str):
         return v
-    return json.dumps(v, default=_json_default, ensure_ascii=False)
+    return json_text.dumps(v, default=_json_default, ensure_ascii=False)
 
 
 def fmt_list(values: Iterable[Any], limit: int = 60) -> str:
@@ -77,7 +77,7 @@ def _json_default(v: Any) -> Any:
 
 def print_json(value: Any, file: TextIO | None = None) -> None:
     file = file or sys.stdout
-    file.write(json.dumps(value, indent=2, default=_json_default, ensure_ascii=False) + "\n")
+    file.write(json_text.dumps(value, default=_json_default, indent=2, ensure_ascii=False) + "\n")
     file.flush()
 
 

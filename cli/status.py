@@ -19,7 +19,6 @@ What the CLI derives itself, from what nodes report:
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -34,6 +33,7 @@ from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+from cli import json_text
 from cli.cluster import ClusterView, describe, node_rows
 from node.client import Client
 from protocol.errors import ColoniesError
@@ -303,7 +303,7 @@ async def watch(
     if json_out:
 
         def show_json(status: dict[str, Any]) -> None:
-            sys.stdout.write(json.dumps(status, separators=(",", ":"), default=str) + "\n")
+            sys.stdout.write(json_text.dumps(status, default=str, separators=(",", ":")) + "\n")
             sys.stdout.flush()
 
         await until_interrupted(lambda: loop(show_json))

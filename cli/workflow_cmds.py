@@ -16,7 +16,6 @@ lists the nodenames it depends on in `conditions.dependencies`. The node decides
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cli import workflow_render
+from cli import json_text, workflow_render
 from cli.errors import UsageError
 from protocol.errors import ColoniesError
 from protocol.messages import CANCELLED, FAILED, STATE_NAMES, SUCCESS
@@ -48,8 +47,8 @@ def workflow_from_file(ctx: Context, path: str) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"cannot read workflow spec file {path}: {e.strerror}") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
+        data = json_text.loads(text)
+    except ValueError as e:
         raise UsageError(f"workflow spec file {path} is not valid JSON: {e}") from None
     if isinstance(data, list):
         data = {"functionspecs": data}

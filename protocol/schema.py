@@ -7,6 +7,7 @@ and drops nothing silently: unknown keys are ignored, as Colonies ignores unknow
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ def check_any(value: Any, path: str, depth: int = 0) -> Any:
     """Opaque user data (args, kwargs, output): any msgpack value, bounded in depth."""
     if depth > MAX_DEPTH:
         raise _fail(path, f"nested deeper than {MAX_DEPTH}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # Colonies speaks JSON, which has no NaN or Infinity: such a value could be stored
+        # but never shown or sent on in standard JSON.
+        raise _fail(path, "NaN and Infinity are not allowed (JSON has no form for them)")
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return value
     if isinstance(value, list | tuple):

@@ -83,6 +83,18 @@ def submit_body(colony: Colony) -> dict:
     }
 
 
+def with_args(colony: Colony, args: list) -> dict:
+    body = submit_body(colony)
+    body["spec"]["args"] = args
+    return body
+
+
+def with_kwargs(colony: Colony, kwargs: dict) -> dict:
+    body = submit_body(colony)
+    body["spec"]["kwargs"] = kwargs
+    return body
+
+
 async def cluster_id(colony: Colony) -> str:
     assert colony.node.replicator is not None
     return colony.node.replicator.machine.cluster_id
@@ -117,6 +129,9 @@ async def test_bad_envelopes_get_typed_errors_and_change_nothing(colony: Colony)
         ("expired", seal(ex, "submitfuncspecmsg", submit_body(colony), audience, now_ms() - 120_000), 403),
         ("wrong audience", seal(ex, "submitfuncspecmsg", submit_body(colony), "ab" * 32, now_ms()), 403),
         ("stranger", seal(PrivateKey.generate(), "submitfuncspecmsg", submit_body(colony), audience, now_ms()), 403),
+        ("NaN in args", seal(ex, "submitfuncspecmsg", with_args(colony, [float("nan")]), audience, now_ms()), 400),
+        ("Infinity in kwargs", seal(ex, "submitfuncspecmsg", with_kwargs(colony, {"x": [float("inf")]}), audience, now_ms()), 400),
+        ("-Infinity in env", seal(ex, "submitfuncspecmsg", with_args(colony, [{"deep": [-float("inf")]}]), audience, now_ms()), 400),
     ]
     before = await digest(colony)
     async with raw_stream(colony.addr) as raw:
@@ -125,6 +140,8 @@ async def test_bad_envelopes_get_typed_errors_and_change_nothing(colony: Colony)
             rid, got, message = await raw.reply()
             assert (rid, got) == (i, status), f"{what}: {got} {message}"
             assert isinstance(message, str) and message, what
+            if what.startswith(("NaN", "Infinity", "-Infinity")):
+                assert "NaN and Infinity are not allowed" in message, message
         # A tampered payload either fails recovery or yields a stranger: refused either way.
         await raw.send(encode_requests([(99, msgpack.packb({"p": bytes(tampered), "s": sig}))]))
         rid, got, _ = await raw.reply()
