@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Whatever the node or a library writes (journal, snapshots, archive, temp files) is
+    # private; node/datadir.py also creates its files 0600 and tightens an existing dir.
+    os.umask(0o077)
     setup_logging(args.log_level, args.log_format)
     config = NodeConfig(
         data_dir=args.data_dir,

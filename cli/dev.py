@@ -49,6 +49,7 @@ from typing import Any
 import trio
 
 from cli.config import DEFAULT_EXECUTOR_TYPE, ConfigError, parse_key
+from node.datadir import tighten, write_private
 from protocol.identity import PrivateKey
 from protocol.messages import APPROVED
 
@@ -121,16 +122,6 @@ def port_number(text: str) -> int:
 # Files.
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Mode 0600 from the first byte, then moved into place (never a readable partial file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
-
-
 def load_or_create_keys(
     state_dir: Path, node_dirs: list[Path] | None = None
 ) -> tuple[DevKeys, bool]:
@@ -158,7 +149,7 @@ def load_or_create_keys(
                 f"delete {state_dir} to start over"
             )
     keys = DevKeys(PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate())
-    _write_private(
+    write_private(
         path,
         "# colonies dev keys: secret. Usable as a config file (colonies --config ...).\n"
         f'server_prvkey = "{keys.server.hex}"\n'
@@ -185,7 +176,7 @@ def env_lines(addr: str, keys: DevKeys) -> dict[str, str]:
 
 def write_env_file(path: Path, values: dict[str, str], note: str = "") -> None:
     body = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items())
-    _write_private(
+    write_private(
         path,
         "# colonies dev environment (holds secret keys): source this file\n" + body
         + (f"# {note}\n" if note else ""),
@@ -324,8 +315,10 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--port {port} leaves no room for {nodes} nodes (up to 65535)")
     setup_logging(args.log_level)
     state_dir: Path = args.dir
+    os.umask(0o077)  # keys, env file, node data and logs: private (see node/datadir.py)
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tighten(state_dir)
     except OSError as e:
         raise ConfigError(f"cannot create {state_dir}: {e.strerror}") from None
     if nodes == 1:

@@ -34,6 +34,7 @@ import trio
 from pysyncobj import FAIL_REASON
 from pysyncobj.node import Node
 
+from node.datadir import write_private
 from node.raft_replica import GROUP_TIMEOUTS, SOLO_TIMEOUTS, ReplicatedColony
 from node.raft_transport import RaftTransport
 from node.replicator import Replicator
@@ -82,9 +83,8 @@ def load_members(data_dir: Path) -> dict[str, str | None]:
 
 
 def save_members(data_dir: Path, members: dict[str, str | None]) -> None:
-    tmp = data_dir / (MEMBERS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"members": members}, sort_keys=True, indent=1) + "\n")
-    tmp.replace(data_dir / MEMBERS_FILE)
+    text = json.dumps({"members": members}, sort_keys=True, indent=1) + "\n"
+    write_private(data_dir / MEMBERS_FILE, text, sync=True)
 
 
 def check_not_removed(data_dir: Path) -> None:
@@ -269,9 +269,8 @@ class Membership:
     def _leave(self) -> None:
         self.removed = True
         try:
-            (self._dir / REMOVED_FILE).write_text(
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n"
-            )
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            write_private(self._dir / REMOVED_FILE, when + "\n", sync=True)
         except OSError as e:
             log.error("cannot write the removed marker: %s", e)
         log.warning("removed from the cluster: this node stops serving")

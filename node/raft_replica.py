@@ -51,7 +51,7 @@ from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.transport import Transport
 
-from node.datadir import DataDir
+from node.datadir import FILE_MODE, DataDir
 from node.pickle_guard import parse_membership_command, parse_version_command
 from node.raft_dump import decode_dump, encode_dump
 
@@ -513,7 +513,8 @@ class ReplicatedColony(SyncObj):
             last, prev, cluster = raft_part
             machine = self._machine
             blob = encode_dump(machine.snapshot(), last, prev, [n.id for n in cluster])
-            with open(path, "wb") as f:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
                 f.write(blob)
                 f.flush()
                 # The journal is cut right after this: the dump must be on disk before that.

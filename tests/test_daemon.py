@@ -49,10 +49,25 @@ def stop(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def private_modes(data: Path) -> dict[str, int]:
+    """Every path under ``data`` whose mode lets anyone but the owner in."""
+    loose = {}
+    for path in [data, *data.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            loose[str(path.relative_to(data))] = mode
+    return loose
+
+
 async def test_colonyd_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
     data = tmp_path / "node"
     server = vector_key("server")
     env = {"COLONIES_SERVER_PRVKEY": server.hex}
+    # A data dir left open by hand: tightened at start, with a log line saying so.
+    data.mkdir(mode=0o755)
+    os.chmod(data, 0o755)
+    (data / "notes.txt").write_text("operator notes\n")
+    os.chmod(data / "notes.txt", 0o644)
     with colonyd(data, env=env) as (proc, addr):
         assert "/p2p/16Uiu2" in addr
         assert (data / "node.key").stat().st_mode & 0o777 == 0o600
@@ -62,6 +77,12 @@ async def test_colonyd_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -
         assert code == 0, err
         assert f"colonyd ready: {addr}" in out
         assert "Traceback" not in err
+        assert "made 1 dir(s) 0700 and 1 file(s) 0600" in err
+        # Everything the node wrote (keys, journal, snapshot, member book, address) is private.
+        assert private_modes(data) == {}
+        assert {"node.key", "raft.journal", "node.addr"} <= {
+            p.name for p in data.iterdir()
+        }
     # Same data dir, same key, same address family: the colony is still there.
     with colonyd(data, env=env) as (proc, addr2):
         assert addr2.split("/p2p/")[1] == addr.split("/p2p/")[1]
