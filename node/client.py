@@ -23,7 +23,7 @@ import trio
 
 from node.connection import Connection, ConnectionLost, NoReply, leaves
 from node.dispatch import DEFAULT_CALL_TIMEOUT_S
-from protocol.envelope import seal
+from protocol.envelope import DEFAULT_TTL_MS, seal
 from protocol.errors import BadRequest, ColoniesError, RequestTimeout, Unavailable
 from protocol.identity import PrivateKey
 from protocol.messages import (
@@ -107,6 +107,9 @@ class Client:
         # Reads are answered by the node's local replica; set this to read through the
         # leader's log instead (every write acknowledged before the read is then visible).
         self.consistent_reads = False
+        # How long a signed request stays valid (the node checks it when the request
+        # arrives; a long-poll may then wait longer than this, up to its own timeout).
+        self.ttl_ms = DEFAULT_TTL_MS
 
     @classmethod
     @asynccontextmanager
@@ -177,7 +180,7 @@ class Client:
     async def call(self, msgtype: str, body: dict, timeout: float | None = None) -> Any:
         if self.consistent_reads and not MESSAGES[msgtype].write:
             body = {**body, "consistent": True}
-        envelope = seal(self.key, msgtype, body, self.cluster_id, _now_ms())
+        envelope = seal(self.key, msgtype, body, self.cluster_id, _now_ms(), self.ttl_ms)
         conn = await self._link.connection(self.key)
         try:
             return await conn.call(envelope, timeout or self.timeout)

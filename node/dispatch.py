@@ -21,6 +21,11 @@ from protocol.errors import NotFound, RequestTimeout, error_from_wire
 
 # Every call is bounded: long-polls by their own timeout, everything else by this.
 DEFAULT_CALL_TIMEOUT_S = 10.0
+# A request's signature lifetime is checked when it arrives (protocol/envelope.py); what the
+# node proposes for it later (the assign at the end of a long-poll, a write that waited in the
+# proposal queue) carries an expiry of at least this long from the proposal, so the state
+# machine never refuses work the node accepted, and keeps the nonce that long against replays.
+COMMAND_TTL_MS = 60_000
 
 
 class Machine(Protocol):
@@ -106,7 +111,7 @@ class Dispatcher:
             "op": op,
             "caller": req.caller,
             "nonce": nonce,
-            "expiry": req.expiry_ms,
+            "expiry": max(req.expiry_ms, time.time_ns() // 1_000_000 + COMMAND_TTL_MS),
             "body": body,
             "gen": os.urandom(32).hex(),
         }

@@ -52,6 +52,38 @@ async def test_long_poll_assign_is_woken_by_submit(colony: Colony) -> None:
         assert trio.current_time() - started < 2
 
 
+async def test_long_polls_outlive_the_signature_lifetime(colony: Colony) -> None:
+    """A request's TTL is checked when it arrives: an assign (and a fused close-and-assign)
+    that waits past it still gets its process (the envelope here lives 1 s, the wait 3 s)."""
+    async with Client.connect(colony.addr, colony.executor) as c:
+        c.ttl_ms = 1000
+        result: dict = {}
+
+        async def waiter() -> None:
+            result["p"] = await c.assign("dev", timeout=10)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.sleep(3)
+            assert "p" not in result
+            p = await c.submit("echo", colonyname="dev", executortype=colony.executortype)
+        assert result["p"]["processid"] == p["processid"]
+
+        async def fused() -> None:
+            result["next"] = await c.close_and_assign(
+                p_running, "dev", successful=True, out=[1], timeout=10
+            )
+
+        p_running = result["p"]
+        async with trio.open_nursery() as n:
+            n.start_soon(fused)
+            await trio.sleep(3)
+            assert "next" not in result
+            q = await c.submit("echo", colonyname="dev", executortype=colony.executortype)
+        assert result["next"]["processid"] == q["processid"]
+        assert (await c.process(p["processid"]))["state"] == SUCCESS
+
+
 async def test_assign_times_out_with_not_found(colony: Colony) -> None:
     async with Client.connect(colony.addr, colony.executor) as c:
         with pytest.raises(NotFound):
