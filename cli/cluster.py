@@ -231,6 +231,8 @@ def node_rows(probes: list[Probe], leader: str | None) -> list[dict[str, Any]]:
             leader_contact_s=None if p.peerid == leader or leader is None else heard.get(leader),
             queued=r.get("queued"),
             in_flight=r.get("in_flight"),
+            # The worst event-loop stall in the last minute (node/loop_monitor.py).
+            loop_lag_max_ms=r.get("loop_lag_max_1m_ms"),
             has_quorum=r.get("has_quorum"),
             caught_up=r.get("caught_up"),
             version=(p.info or {}).get("version"),

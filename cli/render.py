@@ -315,6 +315,14 @@ def fmt_seconds(v: Any) -> str:
     return f"{v / 3600:.1f} h"
 
 
+def _stall(ms: Any) -> str:
+    """An event-loop stall in ms; red past 100 ms (heartbeats and elections suffer)."""
+    if not isinstance(ms, int | float):
+        return "-"
+    text = f"{ms:.0f} ms"
+    return f"[bold red]{text}[/bold red]" if ms >= 100 else text
+
+
 def _num(v: Any) -> str:
     return "-" if v is None else str(v)
 
@@ -365,7 +373,7 @@ def status_tables(status: dict) -> list[Table]:
     ]
     problems = any(not n.get("reachable") for n in nodes)
     columns = ["Peer ID", "Address", "Role", "Term", "Commit", "Applied", "Lag",
-               "Leader contact", "Queued", "In flight"]
+               "Leader contact", "Queued", "In flight", "Loop stall 1m"]
     t = _table("Nodes", *columns, *(["Problem"] if problems else []))
     for n in nodes:
         row = [short_peer(n.get("peerid")), short_addr(n.get("addr")), _role(n.get("role"))]
@@ -373,10 +381,11 @@ def status_tables(status: dict) -> list[Table]:
             contact = ("self" if n.get("peerid") == leader
                        else fmt_seconds(n.get("leader_contact_s")))
             row += [_num(n.get("term")), _num(n.get("commit_index")), _num(n.get("applied_index")),
-                    _num(n.get("lag")), contact, _num(n.get("queued")), _num(n.get("in_flight"))]
+                    _num(n.get("lag")), contact, _num(n.get("queued")), _num(n.get("in_flight")),
+                    _stall(n.get("loop_lag_max_ms"))]
             row += [""] if problems else []
         else:
-            row += ["-"] * 7 + [escape(str(n.get("error") or "unreachable"))]
+            row += ["-"] * 8 + [escape(str(n.get("error") or "unreachable"))]
         t.add_row(*row)
     tables.append(t)
     if "statistics" in status:

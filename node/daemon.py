@@ -27,6 +27,7 @@ from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
 from node.faults import FaultFile
 from node.log_context import set_log_node
+from node.loop_monitor import LoopMonitor
 from node.membership import Membership, NodeRemoved, check_not_removed, load_members, save_members
 from node.metrics import Metrics
 from node.p2p import full_addrs, parse_peer_addr, running_host
@@ -133,6 +134,7 @@ class ColonyNode:
         self.announce = ""
         self.rpc: RpcServer | None = None
         self.metrics: Metrics | None = None
+        self.loop = LoopMonitor()
         self.metrics_port: int | None = None
         self.addrs: list[str] = []
         self.peer_id = ""
@@ -158,6 +160,7 @@ class ColonyNode:
         status = self.replicator.status()
         if self.transport is not None:
             status["last_heard"] = self.transport.last_heard()
+        status.update(self.loop.status())
         return status
 
     def stop(self) -> None:
@@ -206,6 +209,7 @@ class ColonyNode:
                 save_members(self.config.data_dir, others)
             try:
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self.loop.run)
                     if faults is not None:
                         await nursery.start(faults.run)
                     await nursery.start(transport.run)
@@ -224,7 +228,7 @@ class ColonyNode:
                         lambda: replicator.machine.cluster_id,
                     )
                     self.metrics = metrics = Metrics(
-                        lambda: replicator.machine.statistics(), self.raft_status
+                        lambda: replicator.machine.statistics(), self.raft_status, self.loop
                     )
                     rpc.latency = metrics.observe_rpc
                     if self.config.metrics_addr:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.loop_monitor import BUCKETS_S as LAG_BUCKETS_S
+from node.loop_monitor import STALL_S, LoopMonitor
 from node.p2p import parse_multiaddr
 from protocol.errors import BadRequest
 
@@ -74,10 +76,42 @@ class _StateCollector(Collector):
         )
 
 
+class _LoopCollector(Collector):
+    def __init__(self, loop: LoopMonitor) -> None:
+        self.loop = loop
+
+    def collect(self) -> Any:
+        yield GaugeMetricFamily(
+            "colonies_event_loop_lag_max_seconds",
+            "The longest the node's event loop went without running its tasks, in about the "
+            "last minute (node/loop_monitor.py)",
+            value=self.loop.max_recent(),
+        )
+        yield CounterMetricFamily(
+            "colonies_event_loop_stalls",
+            f"Event loop lags of {STALL_S * 1000:.0f} ms or more",
+            value=self.loop.stalls,
+        )
+
+
 class Metrics:
-    def __init__(self, stats: Callable[[], dict[str, int]], raft: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, int]],
+        raft: Callable[[], dict[str, Any]],
+        loop: LoopMonitor | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(stats, raft))
+        if loop is not None:
+            self.registry.register(_LoopCollector(loop))
+            lag = Histogram(
+                "colonies_event_loop_lag_seconds",
+                "How late the event loop's heartbeat woke up (time other tasks held the loop)",
+                registry=self.registry,
+                buckets=LAG_BUCKETS_S,
+            )
+            loop.on_lag(lag.observe)
         self.rpc_seconds = Histogram(
             "colonies_rpc_seconds",
             "RPC latency by message type and status",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
@@ -182,6 +184,11 @@ async def test_metrics_endpoint(tmp_path) -> None:
         await n.start(node.run)
         async with Client.connect(node.addrs[0], vector_key("server")) as c:
             await c.add_colony(vector_key("colony").id, "metrics")
+            # A task that holds the loop (as a slow apply would): the stall meter sees it.
+            time.sleep(0.3)
+            await trio.sleep(0.1)
+            raft = (await c.server_info_fresh())["raft"]
+            assert 250 <= raft["loop_lag_max_1m_ms"] < 2000 and raft["loop_stalls"] >= 1
         stream = await trio.open_tcp_stream("127.0.0.1", node.metrics_port)
         await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         body = b""
@@ -194,6 +201,13 @@ async def test_metrics_endpoint(tmp_path) -> None:
         assert "colonies_server_colonies 1.0" in text
         assert "colonies_raft_has_leader 1.0" in text
         assert 'colonies_rpc_seconds_count{msgtype="addcolonymsg",status="200"} 1.0' in text
+        lag = next(line for line in text.splitlines()
+                   if line.startswith("colonies_event_loop_lag_max_seconds "))
+        assert 0.25 <= float(lag.split()[1]) < 2
+        assert 'colonies_event_loop_lag_seconds_bucket{le="0.25"}' in text
+        stalls = next(line for line in text.splitlines()
+                      if line.startswith("colonies_event_loop_stalls_total "))
+        assert float(stalls.split()[1]) >= 1
         node.stop()
 
 
