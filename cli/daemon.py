@@ -13,6 +13,7 @@ import argparse
 import gc
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import trio
 from cli.errors import describe, first_error
 from cli.logs import LOG_FORMATS, setup_logging
 from node.daemon import ColonyNode, NodeConfig
+from node.libp2p_patches import ConnectionLimits
 from protocol.errors import ColoniesError
 
 
@@ -53,6 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="chaos testing only: a JSON fault plan for the Raft transport (node/faults.py)",
     )
+    p.add_argument(
+        "--max-client-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="inbound connections from clients (not cluster members) held at once "
+        f"(default {ConnectionLimits.max_clients}, within the open-file limit)",
+    )
     p.add_argument("--log-level", default=os.environ.get("COLONIES_LOG_LEVEL", "info"))
     p.add_argument(
         "--log-format",
@@ -61,6 +71,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="text lines, or JSON lines with node, peer and process fields",
     )
     return p.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+# Files a node keeps open besides client connections: members, the journal, the archive, the
+# metrics listener, its own dials.
+RESERVED_FDS = 256
+
+
+def client_connection_limit(requested: int | None) -> int:
+    """Raises the soft open-file limit to the hard one, and keeps the client connection limit
+    within it (each connection is a socket), so a full node refuses connections cleanly
+    instead of failing with EMFILE on its journal or a member's dial."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 65536 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    fits = max(1, soft - RESERVED_FDS)
+    wanted = ConnectionLimits.max_clients if requested is None else requested
+    if wanted > fits:
+        logging.getLogger("colonies.node").warning(
+            "client connections limited to %d (open-file limit %d); raise `ulimit -n` for more",
+            fits, soft,
+        )
+    return min(wanted, fits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         join=args.join or [],
         announce=args.announce,
         fault_file=args.fault_file,
+        max_client_connections=client_connection_limit(args.max_client_connections),
     )
 
     async def run() -> None:

@@ -21,6 +21,7 @@ from node.p2p import connect, make_host, quiet_libp2p_logs
 from node.rpc_server import READ_SIZE, RPC_PROTOCOL_ID
 from protocol.errors import ColoniesError, RequestTimeout, Unavailable, error_from_wire
 from protocol.framing import (
+    MAX_REPLY_FRAME_BYTES,
     TARGET_ENVELOPES_PER_FRAME,
     TARGET_FRAME_BYTES,
     FrameDecoder,
@@ -142,7 +143,7 @@ class Connection:
             await self._stream.write(encode_requests(items))
 
     async def _reader(self) -> None:
-        decoder = FrameDecoder()
+        decoder = FrameDecoder(MAX_REPLY_FRAME_BYTES)
         while True:
             try:
                 data = await self._stream.read(READ_SIZE)

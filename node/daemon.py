@@ -26,6 +26,7 @@ from node.client import Client
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
 from node.faults import FaultFile
+from node.libp2p_patches import ConnectionLimits
 from node.log_context import set_log_node
 from node.loop_monitor import LoopMonitor
 from node.membership import Membership, NodeRemoved, check_not_removed, load_members, save_members
@@ -71,6 +72,8 @@ class NodeConfig:
     announce: str | None = None
     # Chaos runs only: a JSON fault plan re-read every 200 ms (node/faults.py).
     fault_file: Path | None = None
+    # Inbound connections from non-members held at once (libp2p_patches.ConnectionLimits).
+    max_client_connections: int = ConnectionLimits.max_clients
 
 
 def server_owner_key(config: NodeConfig) -> tuple[PrivateKey, str]:
@@ -135,6 +138,9 @@ class ColonyNode:
         self.rpc: RpcServer | None = None
         self.metrics: Metrics | None = None
         self.loop = LoopMonitor()
+        self.limits = ConnectionLimits(
+            max_clients=config.max_client_connections, is_member=self._is_member
+        )
         self.metrics_port: int | None = None
         self.addrs: list[str] = []
         self.peer_id = ""
@@ -176,7 +182,7 @@ class ColonyNode:
     async def _run(self, task_status: trio.TaskStatus[ColonyNode]) -> None:
         check_not_removed(self.config.data_dir)
         node_key = self.data.node_key()
-        async with running_host(node_key, self.config.listen) as host:
+        async with running_host(node_key, self.config.listen, self.limits) as host:
             self.peer_id = host.get_id().to_string()
             set_log_node(self.peer_id)
             self.addrs = full_addrs(host)
@@ -228,7 +234,10 @@ class ColonyNode:
                         lambda: replicator.machine.cluster_id,
                     )
                     self.metrics = metrics = Metrics(
-                        lambda: replicator.machine.statistics(), self.raft_status, self.loop
+                        lambda: replicator.machine.statistics(),
+                        self.raft_status,
+                        self.loop,
+                        self.limits,
                     )
                     rpc.latency = metrics.observe_rpc
                     if self.config.metrics_addr:
@@ -252,6 +261,10 @@ class ColonyNode:
             finally:
                 with trio.CancelScope(shield=True):
                     await replicator.close()
+
+    def _is_member(self, peer_id: str) -> bool:
+        """Raft peers are never refused as clients (libp2p_patches.ConnectionLimits)."""
+        return self.transport is not None and peer_id in self.transport.members
 
     def _membership_hook(self, members: dict[str, str | None]) -> None:
         if self.membership is not None:

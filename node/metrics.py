@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.libp2p_patches import ConnectionLimits
 from node.loop_monitor import BUCKETS_S as LAG_BUCKETS_S
 from node.loop_monitor import STALL_S, LoopMonitor
 from node.p2p import parse_multiaddr
@@ -94,15 +95,41 @@ class _LoopCollector(Collector):
         )
 
 
+class _ConnectionCollector(Collector):
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+
+    def collect(self) -> Any:
+        lim = self.limits
+        for name, value, what in (
+            ("colonies_p2p_client_connections", lim.clients, "Inbound connections of clients"),
+            ("colonies_p2p_member_connections", lim.members, "Inbound connections of members"),
+            ("colonies_p2p_handshakes", lim.handshakes, "Inbound connections negotiating"),
+            ("colonies_p2p_buffered_bytes", lim.buffered, "Unread bytes of client streams"),
+        ):
+            yield GaugeMetricFamily(name, what, value=value)
+        refused = CounterMetricFamily(
+            "colonies_p2p_refused",
+            "Connections, streams or bytes refused by a limit (libp2p_patches.ConnectionLimits)",
+            labels=["limit"],
+        )
+        for limit, n in sorted(lim.refused.items()):
+            refused.add_metric([limit], n)
+        yield refused
+
+
 class Metrics:
     def __init__(
         self,
         stats: Callable[[], dict[str, int]],
         raft: Callable[[], dict[str, Any]],
         loop: LoopMonitor | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(stats, raft))
+        if limits is not None:
+            self.registry.register(_ConnectionCollector(limits))
         if loop is not None:
             self.registry.register(_LoopCollector(loop))
             lag = Histogram(

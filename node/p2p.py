@@ -2,6 +2,10 @@
 
 - Noise only: the default host also accepts plaintext, which lets a peer claim another's ID.
 - `max_connections_per_peer=1`: the default adds a 250 ms happy-eyeballs wait to every dial.
+- No auto-dialing and no pruning: libp2p's connection manager dials peers from its peerstore to
+  keep 50 connections and prunes above 300; a node dials only its cluster members, and what it
+  accepts is bounded by `libp2p_patches.ConnectionLimits` (set with `set_limits`), so libp2p's
+  own caps are set above those.
 - secp256k1 keys, so a node's peer ID and its Colonies ID come from one key.
 - libp2p logs every normal disconnect as a bare warning; we route it to our logger and quiet it.
 """
@@ -26,14 +30,15 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
-from node import libp2p_tuning
+from node import libp2p_patches
+from node.libp2p_patches import ConnectionLimits
 from protocol.errors import BadRequest, Unavailable
 from protocol.identity import PrivateKey
 
 log = logging.getLogger("colonies.p2p")
 
-# Yamux window updates per half window and buffered TCP reads (see the module).
-libp2p_tuning.install()
+# Speed and limit fixes to libp2p (see the module).
+libp2p_patches.install()
 
 
 def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
@@ -52,6 +57,12 @@ def peer_id_of(key: PrivateKey) -> PeerID:
     return PeerID.from_pubkey(key_pair_of(key).public_key)
 
 
+# libp2p's own cap on connections (it refuses beyond it, members included): above what our
+# limits admit (clients, handshakes in flight) plus any cluster's members.
+LIBP2P_MAX_CONNECTIONS = 65536
+HANDSHAKE_TIMEOUT_S = 5.0  # Noise + yamux negotiation of an inbound connection
+
+
 def make_host(key: PrivateKey) -> IHost:
     kp = key_pair_of(key)
     noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
@@ -59,7 +70,14 @@ def make_host(key: PrivateKey) -> IHost:
         key_pair=kp,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_preference="YAMUX",
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1,
+            max_connections=LIBP2P_MAX_CONNECTIONS,
+            high_watermark=LIBP2P_MAX_CONNECTIONS,
+            low_watermark=0,
+            min_connections=0,
+            inbound_upgrade_timeout=HANDSHAKE_TIMEOUT_S,
+        ),
     )
 
 
@@ -118,10 +136,14 @@ def check_port_free(listen: str) -> None:
 
 
 @asynccontextmanager
-async def running_host(key: PrivateKey, listen: list[str]) -> AsyncIterator[IHost]:
-    """A started host; always closed on exit (leaving host.run() alone leaks the listener)."""
+async def running_host(
+    key: PrivateKey, listen: list[str], limits: ConnectionLimits | None = None
+) -> AsyncIterator[IHost]:
+    """A started host; always closed on exit (leaving host.run() alone leaks the listener).
+    ``limits`` bound what its peers can make it hold (default: ``ConnectionLimits()``)."""
     quiet_libp2p_logs()
     host = make_host(key)
+    libp2p_patches.set_limits(host.get_network(), limits or libp2p_patches.ConnectionLimits())
     addrs = [parse_multiaddr(a) for a in listen]
     for a in listen:
         check_port_free(a)

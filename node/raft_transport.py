@@ -47,6 +47,7 @@ this only frees the session and its queue, and lets PySyncObj see the peer as di
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -128,16 +129,25 @@ class _Session:
     silent: bool = False  # ended because the peer stopped sending (hung, or a silent network)
 
 
-class _RateLimitedLog:
+class RateLimitedLog:
+    """At most one warning per kind of event per ``period``; the next one says how many were
+    left out. Kinds are fixed strings (never an id a peer chooses), so the table stays small."""
+
     def __init__(self, period: float = 5.0) -> None:
         self.period = period
         self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
 
-    def warning(self, key: str, msg: str, *args: Any) -> None:
+    def warning(self, kind: str, msg: str, *args: Any, **kwargs: Any) -> None:
         now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.period:
-            self._last[key] = now
-            log.warning(msg, *args)
+        if now - self._last.get(kind, -math.inf) < self.period:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        if skipped:
+            msg += f" (and {skipped} more like it in the last {self.period:g} s)"
+        log.warning(msg, *args, **kwargs)
 
 
 class RaftTransport(Transport):
@@ -192,7 +202,7 @@ class RaftTransport(Transport):
         self._nursery: trio.Nursery | None = None
         self._running = False
         self._destroyed = False
-        self._warn = _RateLimitedLog()
+        self._warn = RateLimitedLog()
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "sessions_opened",
@@ -397,7 +407,7 @@ class RaftTransport(Transport):
     def _overflow(self, session: _Session) -> bool:
         self.counters["queue_overflows"] += 1
         self._warn.warning(
-            "overflow:" + session.peer,
+            "overflow",
             "raft queue to %s is full (%d bytes): dropping the session",
             session.peer,
             session.queued_bytes,
@@ -526,9 +536,7 @@ class RaftTransport(Transport):
         """An inbound stream from ``peer`` (already authenticated by the caller)."""
         if not self._running or peer == self.self_id or peer not in self._members:
             self.counters["inbound_refused"] += 1
-            self._warn.warning(
-                "refused:" + peer, "refused a raft stream from non-member %s", peer
-            )
+            self._warn.warning("refused", "refused a raft stream from non-member %s", peer)
             await _reset(stream)
             return
         await self._run_session(peer, stream, initiator=peer)
@@ -709,9 +717,7 @@ class RaftTransport(Transport):
             self.counters["messages_refused"] += 1
             if "transmission" in str(e):
                 self.counters["transmission_refused"] += 1
-            self._warn.warning(
-                "bad:" + str(node.id), "dropped a raft message from %s: %s", node.id, e
-            )
+            self._warn.warning("bad", "dropped a raft message from %s: %s", node.id, e)
             return False
         self.counters["messages_received"] += 1
         if message["type"] in RELAY_TYPES:

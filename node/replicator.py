@@ -49,6 +49,7 @@ from protocol.errors import (
     RequestTimeout,
     Unavailable,
 )
+from protocol.framing import MAX_COMMAND_BYTES
 
 log = logging.getLogger("colonies.replicator")
 
@@ -74,8 +75,7 @@ RELAY_RESEND_S = 1.0
 SEEN_RELAYS = 100_000
 # A batch is at most this big (unless one command alone is), so that a log entry stays below
 # MAX_ENTRY_BYTES, where PySyncObj would switch to its pickled chunk transfer.
-MAX_BATCH_BYTES = 1024 * 1024
-MAX_COMMAND_BYTES = MAX_BATCH_BYTES
+MAX_BATCH_BYTES = MAX_COMMAND_BYTES  # protocol/framing.py: what one request frame can carry
 _BATCH_HEADER_BYTES = 64  # generous bound of the msgpack map/array headers around the commands
 assert MAX_BATCH_BYTES + _BATCH_HEADER_BYTES < MAX_ENTRY_BYTES
 

@@ -20,7 +20,13 @@ import msgpack
 
 from protocol.errors import ColoniesError, FrameTooLarge, MalformedFrame
 
-MAX_FRAME_BYTES = 4 * 1024 * 1024
+# A node accepts request frames of one command's size plus the envelope around it (a frame
+# holding a 1 MiB command and its signature fits; several large envelopes go in several frames,
+# as the client's writer batches at most TARGET_FRAME_BYTES).
+MAX_COMMAND_BYTES = 1024 * 1024
+MAX_FRAME_BYTES = MAX_COMMAND_BYTES + 64 * 1024
+# What a client accepts from its node: a page of processes with their arguments and output.
+MAX_REPLY_FRAME_BYTES = 64 * 1024 * 1024
 MAX_ENVELOPES_PER_FRAME = 64
 TARGET_ENVELOPES_PER_FRAME = 16
 TARGET_FRAME_BYTES = 8 * 1024

@@ -99,7 +99,7 @@ def test_oversized_declared_length_fails_on_the_header():
 
 def test_default_maximum():
     d = FrameDecoder()
-    assert d.max_frame_bytes == MAX_FRAME_BYTES == 4 * 1024 * 1024
+    assert d.max_frame_bytes == MAX_FRAME_BYTES == (1024 + 64) * 1024  # a command + envelope
     with pytest.raises(FrameTooLarge):
         d.feed(struct.pack(">I", MAX_FRAME_BYTES + 1))
     with pytest.raises(FrameTooLarge):

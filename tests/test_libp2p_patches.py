@@ -1,9 +1,12 @@
-"""node/libp2p_tuning.py keeps libp2p's contracts on the pinned libp2p: TrioTCPStream.read
-with a buffer, and yamux flow control with credit given back per half window."""
+"""node/libp2p_patches.py keeps libp2p's contracts on the pinned libp2p: TrioTCPStream.read
+with a buffer, and yamux flow control with credit given back per half window. The limits
+are tested against a node under hostile load in tests/test_hostile_clients.py."""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -11,9 +14,20 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
-from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
+from libp2p.network.auto_connector import AutoConnector
+from libp2p.network.connection.swarm_connection import SwarmConn
+from libp2p.network.swarm import Swarm
+from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, Yamux, YamuxStream
 
-from node.libp2p_tuning import buffered_read, release_in_halves
+from node.libp2p_patches import (
+    _ORIGINAL,
+    _bounded_yamux_init,
+    buffered_read,
+    connect_below_low_watermark,
+    release_in_halves,
+    serve_inbound,
+    serve_stream,
+)
 from node.p2p import connect, running_host  # importing node.p2p installs the fixes
 from protocol.identity import PrivateKey
 
@@ -42,6 +56,22 @@ def stream(*chunks: bytes | type[Exception]) -> tuple[TrioTCPStream, FakeSocketS
 def test_installed_on_libp2p() -> None:
     assert TrioTCPStream.read is buffered_read
     assert YamuxStream._auto_tune_and_send_window_update is release_in_halves
+    assert Swarm._handle_inbound_connection is serve_inbound
+    assert SwarmConn._handle_muxed_stream is serve_stream
+    assert AutoConnector.maybe_connect is connect_below_low_watermark
+    assert Yamux.__init__ is _bounded_yamux_init
+
+
+def test_upstream_still_has_what_the_patches_fix() -> None:
+    """Fails when a libp2p upgrade changes code a patch replaces: then re-check the patch
+    (and drop it if upstream fixed the bug)."""
+    assert version("libp2p") == "0.8.1"
+    inbound = inspect.getsource(Swarm._do_handle_inbound_connection)
+    assert "self.manager.wait_finished()" in inbound  # the slot lives as long as the swarm
+    assert "max_streams_per_connection" not in inspect.getsource(_ORIGINAL["serve_stream"])
+    incoming = inspect.getsource(Yamux.handle_incoming)
+    assert "peer exceeded" in incoming and "extend(data)" in incoming  # buffered anyway
+    assert "(low_watermark + high_watermark) / 2" in inspect.getsource(_ORIGINAL["auto_connect"])
 
 
 async def test_small_reads_are_served_from_one_socket_read_in_order() -> None:
