@@ -32,6 +32,7 @@ from node.loop_monitor import LoopMonitor
 from node.membership import Membership, NodeRemoved, check_not_removed, load_members, save_members
 from node.metrics import Metrics
 from node.p2p import full_addrs, parse_peer_addr, running_host
+from node.raft_journal import SyncPolicy
 from node.raft_libp2p import libp2p_raft_transport
 from node.raft_replica import (
     DUMP_FILE,
@@ -74,6 +75,9 @@ class NodeConfig:
     fault_file: Path | None = None
     # Inbound connections from non-members held at once (libp2p_patches.ConnectionLimits).
     max_client_connections: int = ConnectionLimits.max_clients
+    # When the Raft journal reaches the disk: before every acknowledgement, or on an interval
+    # (node/raft_journal.py).
+    journal_sync: SyncPolicy = field(default_factory=SyncPolicy)
 
 
 def server_owner_key(config: NodeConfig) -> tuple[PrivateKey, str]:
@@ -203,6 +207,7 @@ class ColonyNode:
                 transport=transport,
                 timeouts=GROUP_TIMEOUTS if others else SOLO_TIMEOUTS,
                 joining=joining,
+                sync_policy=self.config.journal_sync,
             )
             self.replicator = replicator = Replicator(raft, relay=transport)
             transport.attach(replicator.kick)

@@ -54,10 +54,13 @@ from pysyncobj.transport import Transport
 from node.datadir import FILE_MODE, DataDir
 from node.pickle_guard import parse_membership_command, parse_version_command
 from node.raft_dump import decode_dump, encode_dump
+from node.raft_journal import DurableJournal, SyncPolicy
 
 log = logging.getLogger("colonies.raft")
 
+ALWAYS_SYNC = SyncPolicy()
 JOURNAL_FILE = "raft.journal"
+META_FILE = "raft.meta"
 DUMP_FILE = "raft.dump"
 
 # A single log entry at or above PySyncObj's appendEntriesBatchSizeBytes is sent to followers
@@ -195,6 +198,7 @@ class ReplicatedColony(SyncObj):
         log_compaction_min_entries: int = 5000,
         log_compaction_min_time: float = 300.0,
         joining: bool = False,
+        sync_policy: SyncPolicy = ALWAYS_SYNC,
     ) -> None:
         partners = [p for p in dict.fromkeys(partner_ids) if p != self_id]
         if transport is None:
@@ -240,6 +244,14 @@ class ReplicatedColony(SyncObj):
         # Whether the proposer has a batch about to go in (then a bare commit index waits).
         self.proposal_due: Callable[[], bool] = lambda: False
         self._data_dir = directory
+        # Our journal, not PySyncObj's (node/raft_journal.py): PySyncObj starts on an empty
+        # in-memory one and gets this one right after its constructor, below.
+        self.sync_policy = sync_policy
+        try:
+            self._journal = DurableJournal(directory / JOURNAL_FILE, directory / META_FILE)
+        except BaseException:
+            self._release_dir()
+            raise
 
         conf = SyncObjConf(
             autoTick=False,
@@ -248,7 +260,7 @@ class ReplicatedColony(SyncObj):
             appendEntriesUseBatch=True,
             useFork=False,  # forking a trio process is unsafe; snapshots are written inline
             dynamicMembershipChange=True,
-            journalFile=str(directory / JOURNAL_FILE),
+            journalFile=None,
             fullDumpFile=str(directory / DUMP_FILE),
             connectionRetryTime=0.5,
             appendEntriesPeriod=timeouts.append_entries_period,
@@ -273,6 +285,40 @@ class ReplicatedColony(SyncObj):
         except BaseException:
             self._release_dir()
             raise
+        self._use_journal(self._journal)
+        if hasattr(transport, "set_ack_gate"):
+            # A follower acknowledges entries only once they are on disk (policy always).
+            transport.set_ack_gate(self.make_durable)
+
+    def _use_journal(self, journal: DurableJournal) -> None:
+        """What SyncObj.__init__ does with the journal it creates, done with ours: a first
+        NO_OP entry in an empty log, and Raft's persistent state read back."""
+        self._SyncObj__raftLog = journal
+        if len(journal) == 0:
+            journal.add(bytes([_COMMAND_TYPE.NO_OP]), 1, 0)
+            journal.sync()
+        self._SyncObj__raftCurrentTerm = max(journal.getCurrentTerm(), journal[-1][2])
+        self._SyncObj__votedForNodeId = journal.getVotedForNodeId()
+        self._SyncObj__raftCommitIndex = journal.getRaftCommitIndex()
+
+    # --- durability --------------------------------------------------------------------------
+
+    @property
+    def journal(self) -> DurableJournal:
+        return self._journal
+
+    def make_durable(self) -> None:
+        """Before this node counts or acknowledges entries: with the ``always`` policy, every
+        entry in its journal is on disk (one fdatasync for all appended since the last)."""
+        if self.sync_policy.always and self._fatal_error is None:
+            try:
+                self._journal.sync()
+            except OSError as e:
+                # Nothing appended since the last sync can be acknowledged any more; the
+                # replicator stops the node (CorruptRaftState) rather than run on a journal
+                # whose tail may never reach the disk.
+                self._fatal_error = f"cannot sync the raft journal {self._journal.path}: {e}"
+                log.critical(self._fatal_error)
 
     # --- the state ---------------------------------------------------------------------------
 
@@ -339,6 +385,9 @@ class ReplicatedColony(SyncObj):
     # --- append-entries coalescing -----------------------------------------------------------
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
+        # A leader counts itself toward the commit of every entry in its log, in this tick:
+        # what it appended since the last tick must be on disk first.
+        self.make_durable()
         super()._onTick(timeToWait)
         self._flush_append_entries()
 
@@ -566,7 +615,7 @@ class ReplicatedColony(SyncObj):
         except Exception:
             log.exception("storing the raft journal meta failed")
         try:
-            self.destroy()  # autoTick=False: transport.destroy() + journal mmap flush and close
+            self.destroy()  # autoTick=False: transport.destroy() + journal sync and close
         finally:
             self._close_wakeup_pipe()
             self._release_dir()

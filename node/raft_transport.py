@@ -179,6 +179,9 @@ class RaftTransport(Transport):
         super().__init__(None, None, [])
         self._layer = layer
         self._relay_handler: Callable[[str, dict[str, Any]], None] | None = None
+        self._ack_gate: Callable[[], None] | None = None
+        self._holding_acks = False
+        self._held_acks: list[tuple[str, Any]] = []
         self._session_handler: Callable[[str], None] | None = None
         if not 0 < heartbeat < silent_after:
             raise ValueError("need 0 < heartbeat < silent_after")
@@ -347,11 +350,33 @@ class RaftTransport(Transport):
         """A message to a member: PySyncObj's (through ``send``) or a relay
         (node/replicator.py). False when it cannot go; never raises."""
         try:
+            if message.get("type") == "next_node_idx" and self._ack_gate is not None:
+                # An acknowledgement of entries: sent once they are on disk. Those PySyncObj
+                # sends while it handles a batch of received frames wait for its end, so one
+                # sync covers the batch (group commit on the follower's side).
+                if self._holding_acks:
+                    self._held_acks.append((peer, message))
+                    return True
+                self._ack_gate()
             return self._send(peer, message)
         except Exception:
             self.counters["send_failures"] += 1
             self._warn.warning("send", "raft send to %s failed", peer, exc_info=True)
             return False
+
+    def set_ack_gate(self, gate: Callable[[], None] | None) -> None:
+        """``gate()`` runs before acknowledgements (next_node_idx) are sent: the replica makes
+        its journal durable there (node/raft_journal.py)."""
+        self._ack_gate = gate
+
+    def _send_held_acks(self) -> None:
+        held, self._held_acks = self._held_acks, []
+        if not held:
+            return
+        if self._ack_gate is not None:
+            self._ack_gate()
+        for peer, message in held:
+            self.send_to(peer, message)
 
     def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None:
         self._relay_handler = handler
@@ -698,12 +723,17 @@ class RaftTransport(Transport):
 
     def _deliver_all(self, session: _Session, node: Node, bodies: list[bytes]) -> bool:
         delivered = False
-        for body in bodies:
-            if body == HEARTBEAT:
-                continue
-            if not session.current or self._destroyed:
-                return False
-            delivered |= self._deliver(node, body)
+        self._holding_acks = True
+        try:
+            for body in bodies:
+                if body == HEARTBEAT:
+                    continue
+                if not session.current or self._destroyed:
+                    return False
+                delivered |= self._deliver(node, body)
+        finally:
+            self._holding_acks = False
+            self._send_held_acks()
         if delivered:
             self._kick()
         return True

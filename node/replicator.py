@@ -301,6 +301,8 @@ class Replicator:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._commit_loop)
+                if not self._colony.sync_policy.always:
+                    nursery.start_soon(self._sync_loop, self._colony.sync_policy.interval_s)
                 await self._tick_loop(task_status)
         finally:
             self._shutdown()
@@ -320,6 +322,16 @@ class Replicator:
                 task_status.started()
             with trio.move_on_after(self._idle_tick):
                 await self._kicked.wait()  # checkpoints even when already set
+
+    async def _sync_loop(self, interval: float) -> None:
+        """The ``interval`` journal policy: entries are acknowledged before they are on disk
+        and synced this often (node/raft_journal.py)."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                self._colony.journal.sync()
+            except OSError as e:
+                raise CorruptRaftState(f"cannot sync the raft journal: {e}") from None
 
     def _note_leader(self) -> None:
         leader = self._colony.leader_id
