@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import msgpack
+import trio
 from pysyncobj import SyncObj, SyncObjConf
 from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
@@ -288,7 +289,7 @@ class ReplicatedColony(SyncObj):
         self._use_journal(self._journal)
         if hasattr(transport, "set_ack_gate"):
             # A follower acknowledges entries only once they are on disk (policy always).
-            transport.set_ack_gate(self.make_durable)
+            transport.set_ack_gate(self.make_durable, self.make_durable_async)
 
     def _use_journal(self, journal: DurableJournal) -> None:
         """What SyncObj.__init__ does with the journal it creates, done with ours: a first
@@ -309,16 +310,30 @@ class ReplicatedColony(SyncObj):
 
     def make_durable(self) -> None:
         """Before this node counts or acknowledges entries: with the ``always`` policy, every
-        entry in its journal is on disk (one fdatasync for all appended since the last)."""
-        if self.sync_policy.always and self._fatal_error is None:
+        entry in its journal is on disk (one fdatasync for all appended since the last).
+        The replicator and the transport call ``make_durable_async`` first where they can
+        wait, which leaves this one nothing to do."""
+        if self.sync_policy.always and self._journal.dirty and self._fatal_error is None:
             try:
                 self._journal.sync()
             except OSError as e:
-                # Nothing appended since the last sync can be acknowledged any more; the
-                # replicator stops the node (CorruptRaftState) rather than run on a journal
-                # whose tail may never reach the disk.
-                self._fatal_error = f"cannot sync the raft journal {self._journal.path}: {e}"
-                log.critical(self._fatal_error)
+                self._journal_failed(e)
+
+    async def make_durable_async(self) -> None:
+        if self.sync_policy.always and self._journal.dirty and self._fatal_error is None:
+            # Let the tasks that are ready run first: commands they queue go in the next entry.
+            await trio.lowlevel.checkpoint()
+            try:
+                self._journal.sync()
+            except OSError as e:
+                self._journal_failed(e)
+
+    def _journal_failed(self, e: OSError) -> None:
+        # Nothing appended since the last sync can be acknowledged any more; the replicator
+        # stops the node (CorruptRaftState) rather than run on a journal whose tail may never
+        # reach the disk.
+        self._fatal_error = f"cannot sync the raft journal {self._journal.path}: {e}"
+        log.critical(self._fatal_error)
 
     # --- the state ---------------------------------------------------------------------------
 

@@ -180,6 +180,7 @@ class RaftTransport(Transport):
         self._layer = layer
         self._relay_handler: Callable[[str, dict[str, Any]], None] | None = None
         self._ack_gate: Callable[[], None] | None = None
+        self._ack_gate_async: Callable[[], Awaitable[None]] | None = None
         self._holding_acks = False
         self._held_acks: list[tuple[str, Any]] = []
         self._session_handler: Callable[[str], None] | None = None
@@ -349,34 +350,42 @@ class RaftTransport(Transport):
     def send_to(self, peer: str, message: Any) -> bool:
         """A message to a member: PySyncObj's (through ``send``) or a relay
         (node/replicator.py). False when it cannot go; never raises."""
+        if message.get("type") == "next_node_idx" and self._ack_gate is not None:
+            # An acknowledgement of entries: sent once they are on disk. Those PySyncObj
+            # sends while it handles a batch of received frames wait for its end, so one
+            # sync covers the batch (group commit on the follower's side).
+            if self._holding_acks:
+                self._held_acks.append((peer, message))
+                return True
+            self._ack_gate()
+        return self._send_safely(peer, message)
+
+    def _send_safely(self, peer: str, message: Any) -> bool:
         try:
-            if message.get("type") == "next_node_idx" and self._ack_gate is not None:
-                # An acknowledgement of entries: sent once they are on disk. Those PySyncObj
-                # sends while it handles a batch of received frames wait for its end, so one
-                # sync covers the batch (group commit on the follower's side).
-                if self._holding_acks:
-                    self._held_acks.append((peer, message))
-                    return True
-                self._ack_gate()
             return self._send(peer, message)
         except Exception:
             self.counters["send_failures"] += 1
             self._warn.warning("send", "raft send to %s failed", peer, exc_info=True)
             return False
 
-    def set_ack_gate(self, gate: Callable[[], None] | None) -> None:
-        """``gate()`` runs before acknowledgements (next_node_idx) are sent: the replica makes
-        its journal durable there (node/raft_journal.py)."""
+    def set_ack_gate(
+        self,
+        gate: Callable[[], None] | None,
+        gate_async: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Before acknowledgements (next_node_idx) are sent, the replica makes its journal
+        durable (node/raft_journal.py): ``gate_async()`` for those held while a batch of
+        received frames was handled, ``gate()`` (blocking) for any other."""
         self._ack_gate = gate
+        self._ack_gate_async = gate_async
 
-    def _send_held_acks(self) -> None:
-        held, self._held_acks = self._held_acks, []
-        if not held:
-            return
-        if self._ack_gate is not None:
+    async def _send_acks(self, acks: list[tuple[str, Any]]) -> None:
+        if self._ack_gate_async is not None:
+            await self._ack_gate_async()  # other sessions' frames are handled meanwhile
+        elif self._ack_gate is not None:
             self._ack_gate()
-        for peer, message in held:
-            self.send_to(peer, message)
+        for peer, message in acks:
+            self._send_safely(peer, message)
 
     def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None:
         self._relay_handler = handler
@@ -701,8 +710,8 @@ class RaftTransport(Transport):
     ) -> None:
         node = self._node(session.peer)
         stream = session.stream
-        if early:
-            self._deliver_all(session, node, early)
+        if early and not await self._deliver_all(session, node, early):
+            return
         while True:
             with trio.move_on_after(self._silent_after) as waited:
                 data = await stream.read(READ_SIZE)
@@ -718,25 +727,32 @@ class RaftTransport(Transport):
             if not data:
                 return
             self._last_heard[session.peer] = time.monotonic()
-            if not self._deliver_all(session, node, decoder.feed(data)):  # framing errors raise
+            bodies = decoder.feed(data)  # framing errors raise
+            if not await self._deliver_all(session, node, bodies):
                 return
 
-    def _deliver_all(self, session: _Session, node: Node, bodies: list[bytes]) -> bool:
+    async def _deliver_all(self, session: _Session, node: Node, bodies: list[bytes]) -> bool:
+        """Hand a batch of frames to PySyncObj (no await in between, so the acknowledgements
+        it sends are this batch's alone), then send those once the journal is durable."""
         delivered = False
-        self._holding_acks = True
+        ok = True
+        self._holding_acks, self._held_acks = True, []
         try:
             for body in bodies:
                 if body == HEARTBEAT:
                     continue
                 if not session.current or self._destroyed:
-                    return False
+                    ok = False
+                    break
                 delivered |= self._deliver(node, body)
         finally:
             self._holding_acks = False
-            self._send_held_acks()
+            acks, self._held_acks = self._held_acks, []
+        if acks:
+            await self._send_acks(acks)
         if delivered:
             self._kick()
-        return True
+        return ok
 
     def _deliver(self, node: Node, body: bytes) -> bool:
         """True when PySyncObj got a message (it acts on it in its next tick); relays go to

@@ -284,6 +284,8 @@ class Replicator:
             relayed=len(self._relayed),
             applied_generation=self._generation,
             leader_changes=self.leader_changes,
+            journal_syncs=self._colony.journal.syncs,
+            journal_sync_s=round(self._colony.journal.sync_seconds, 3),
         )
         return status
 
@@ -313,6 +315,9 @@ class Replicator:
             # A fresh event before the tick: kicks from inside doTick (callbacks, hooks) and
             # from tasks that run while we wait both count.
             self._kicked = trio.Event()
+            # What the last tick appended (proposals) is on disk before this one counts it
+            # toward a commit; the event loop serves other work during the sync.
+            await self._colony.make_durable_async()
             self._tick()
             self._note_leader()
             if self._colony.append_entries_held:
@@ -356,9 +361,10 @@ class Replicator:
             if self._tick_again:
                 # The tick that moves proposals into the log cannot also commit them (the
                 # commit index is computed earlier in the tick); a one-node group would
-                # otherwise wait a whole idle period per commit.
+                # otherwise wait a whole idle period per commit. Tick again at once, after
+                # the journal sync (which lets the event loop queue more commands meanwhile).
                 self._tick_again = False
-                self._colony.doTick(0)
+                self._kicked.set()
         except Exception:
             # PySyncObj's own tick thread logs and carries on, too; our hooks and callbacks
             # cannot raise, so this is a PySyncObj fault. Log at most once a second.
