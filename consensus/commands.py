@@ -12,6 +12,7 @@ from typing import Any
 
 from consensus import (
     function_ops,
+    history,
     liveness,
     log_ops,
     pause_ops,
@@ -19,6 +20,7 @@ from consensus import (
     timers,
     workflows,
 )
+from consensus.archive import PROCESS
 from consensus.crons import WRITES as CRON_WRITES
 from consensus.generators import WRITES as GENERATOR_WRITES
 from consensus.lifecycle import Event
@@ -37,7 +39,7 @@ from consensus.records import Attribute, Colony, Executor, attribute_id
 from consensus.request import Request
 from consensus.state import ColonyState
 from protocol.errors import BadRequest, NotFound
-from protocol.messages import APPROVED, PENDING, REJECTED, RUNNING
+from protocol.messages import APPROVED, FINISHED_STATES, PENDING, REJECTED, RUNNING
 from protocol.schema import HEX64
 
 NO_PROCESS = "no process available for assignment"
@@ -56,13 +58,15 @@ def add_colony(st: ColonyState, req: Request, now: int) -> Any:
     if owned is not None:
         raise BadRequest(f"colony id {c['colonyid']} already owns colony '{owned}'")
     colony = Colony(colonyid=c["colonyid"], name=c["name"])
-    st.add_colony(colony)
+    st.add_colony(colony, gen=st.next_seq)  # a number no colony had (consensus/history.py)
+    st.next_seq += 1
     return colony.to_wire()
 
 
 def remove_colony(st: ColonyState, req: Request, now: int) -> Any:
     name = st.colony(req.body["colonyname"]).name
     st.remove_colony(name)
+    history.purge_colony(st, now)  # its archived history goes in batches
     st.applied_changes += 1  # waiters on this colony must wake up and learn it is gone
     return {}
 
@@ -116,7 +120,7 @@ def submit(st: ColonyState, req: Request, now: int) -> Any:
     pid = req.gen
     if not isinstance(pid, str) or not HEX64.match(pid):
         raise BadRequest("a submit needs a generated 64-hex process id ('gen')")
-    if pid in st.processes:
+    if st.process_exists(pid):
         raise BadRequest(f"process id {pid} is already in use")
     spec = normalized_spec(req.body["spec"])
     # Idempotency keys (consensus/idempotency.py): the same key in the same colony within
@@ -125,8 +129,8 @@ def submit(st: ColonyState, req: Request, now: int) -> Any:
     if ikey is not None:
         st.idempotency.prune(now)
         first = st.idempotency.find(spec["conditions"]["colonyname"], ikey)
-        if first is not None and first in st.processes:
-            return st.processes[first].to_wire()
+        if first is not None and st.process_exists(first):
+            return st.process(first).to_wire()
     # The role rule made the caller an approved member (an executor).
     p = new_process(st, pid, spec, req.caller, now)
     st.add_process(p)
@@ -146,7 +150,7 @@ def assign(st: ColonyState, req: Request, now: int) -> Any:
 
 
 def close_successful(st: ColonyState, req: Request, now: int) -> Any:
-    p = st.processes[req.body["processid"]]
+    p = st.process(req.body["processid"])  # an archived one is refused by the attempt check
     check_current_attempt(p, req.body["attempt"])
     close(st, p, True, req.body["out"], [], now)
     st.applied_changes += 1
@@ -154,7 +158,7 @@ def close_successful(st: ColonyState, req: Request, now: int) -> Any:
 
 
 def close_failed(st: ColonyState, req: Request, now: int) -> Any:
-    p = st.processes[req.body["processid"]]
+    p = st.process(req.body["processid"])
     check_current_attempt(p, req.body["attempt"])
     close(st, p, False, [], req.body["errors"], now)
     st.applied_changes += 1
@@ -164,7 +168,7 @@ def close_failed(st: ColonyState, req: Request, now: int) -> Any:
 def close_assign(st: ColonyState, req: Request, now: int) -> Any:
     """Close this attempt, then assign the caller's next process (None if there is none)."""
     b = req.body
-    p = st.processes[b["processid"]]
+    p = st.process(b["processid"])
     check_current_attempt(p, b["attempt"])  # the last check that can refuse: nothing done yet
     close(st, p, b["successful"], b["out"], b["errors"], now)
     st.applied_changes += 1
@@ -173,7 +177,7 @@ def close_assign(st: ColonyState, req: Request, now: int) -> Any:
 
 
 def remove_process(st: ColonyState, req: Request, now: int) -> Any:
-    p = st.processes[req.body["processid"]]
+    p = st.process(req.body["processid"])
     if p.processgraphid:
         raise BadRequest(
             f"process {p.processid} belongs to workflow {p.processgraphid}: "
@@ -181,7 +185,10 @@ def remove_process(st: ColonyState, req: Request, now: int) -> Any:
         )
     if p.state == RUNNING:
         raise BadRequest(f"process {p.processid} is running and cannot be removed")
-    st.remove_process(p)
+    if p.archived:
+        history.remove_process(st, p)
+    else:
+        st.remove_process(p)
     return {}
 
 
@@ -197,11 +204,15 @@ def remove_all_processes(st: ColonyState, req: Request, now: int) -> Any:
             p = st.processes[pid]
             if not p.processgraphid:
                 st.remove_process(p)
+    finished = [s for s in states if s in FINISHED_STATES]
+    if finished:
+        # Archived ones: a batch now, the rest over the next ticks (consensus/history.py).
+        history.start_removal(st, colony, PROCESS, finished, now)
     return {}
 
 
 def cancel_process(st: ColonyState, req: Request, now: int) -> Any:
-    p = st.processes[req.body["processid"]]
+    p = st.process(req.body["processid"])
     if p.processgraphid:
         raise BadRequest(
             f"process {p.processid} belongs to workflow {p.processgraphid}: "
@@ -213,7 +224,7 @@ def cancel_process(st: ColonyState, req: Request, now: int) -> Any:
 
 def add_attribute(st: ColonyState, req: Request, now: int) -> Any:
     a = req.body["attribute"]
-    p = st.processes[a["targetid"]]
+    p = st.process(a["targetid"])
     if p.state != RUNNING:
         raise BadRequest(f"process {p.processid} is not running: attributes cannot be added")
     aid = attribute_id(p.processid, a["key"], a["attributetype"])

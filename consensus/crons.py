@@ -28,14 +28,14 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from consensus import cron_schedule, timers
+from consensus import cron_schedule, history, timers
 from consensus.generators import check_new, generated_id, run_id, scheduled_specs
 from consensus.records import MAX_TIME_NS, NS_PER_S, deadline_after
 from consensus.request import Request
 from consensus.schedule_records import CRON_TIMER, Cron
 from consensus.state import ColonyState
 from consensus.workflows import create_graph
-from protocol.errors import BadRequest, ColoniesError
+from protocol.errors import BadRequest, ColoniesError, NotFound
 from protocol.messages import RUNNING, STATE_NAMES, WAITING
 
 Handler = Callable[[ColonyState, Request, int], Any]
@@ -75,13 +75,16 @@ def _unfinished_previous(st: ColonyState, c: Cron) -> str:
 
 
 def previous_output(st: ColonyState, c: Cron) -> list[Any]:
-    """The outputs of the previous run's leaves, in graph order ([] if it is gone)."""
-    g = st.graphs.get(c.prevprocessgraphid) if c.prevprocessgraphid else None
-    if g is None:
+    """The outputs of the previous run's leaves, in graph order ([] if it is gone); a run
+    that finished is read from the archive."""
+    if not c.prevprocessgraphid:
+        return []
+    try:
+        g = st.graph(c.prevprocessgraphid)
+    except NotFound:
         return []
     out: list[Any] = []
-    for pid in g.processids:
-        p = st.processes[pid]
+    for p in history.graph_members(st, g):
         if not p.children:
             out.extend(p.out)
     return out

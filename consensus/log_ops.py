@@ -12,6 +12,7 @@ applied, or the process finishes, or the timeout passes (node/log_follow.py).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ Query = Callable[[ColonyState, Request], Any]
 
 def add_log(st: ColonyState, req: Request, now: int) -> Any:
     pid = req.body["processid"]
-    p = st.processes[pid]  # the role rule: it exists and is assigned to the caller
+    p = st.process(pid)  # the role rule: it exists and is assigned to the caller
     if p.state != RUNNING:
         # A cancelled process stays assigned to its executor: say why it is refused.
         raise BadRequest(
@@ -48,10 +49,22 @@ def get_logs(st: ColonyState, req: Request) -> Any:
         raise BadRequest(
             f"process {p.processid} belongs to colony '{p.colonyname}', not '{b['colonyname']}'"
         )
-    log = st.logs.get(p.processid)
+    log = st.logs.get(p.processid) if not p.archived else _archived_log(st, p.processid)
     if log is None:
         return []
     return [log.wire(ln) for ln in log.read(b["afterseq"], b["since"], b["count"], b["latest"])]
+
+
+def _archived_log(st: ColonyState, pid: str) -> ProcessLog | None:
+    kept = st.archive.log(pid)
+    if kept is None or not kept.lines:
+        return None
+    return ProcessLog(
+        processid=pid,
+        colonyname=kept.colonyname,
+        lines=deque(kept.lines),
+        next_seq=kept.lines[-1].seq + 1,
+    )
 
 
 WRITES: dict[str, Handler] = {"addlogmsg": add_log}

@@ -27,7 +27,8 @@ from typing import Any
 
 import msgpack
 
-from consensus import canonical, liveness, roles
+from consensus import canonical, history, liveness, retention, roles, snapshot
+from consensus.archive import Archive, ArchiveError
 from consensus.commands import INTERNAL, WRITES
 from consensus.queries import READS
 from consensus.request import Request
@@ -46,8 +47,8 @@ def _is_int(v: Any) -> bool:
 
 
 class ColonyMachine:
-    def __init__(self) -> None:
-        self._st = ColonyState()
+    def __init__(self, archive: Archive | None = None) -> None:
+        self._st = ColonyState(archive)
 
     # Identity of the cluster (fixed by the bootstrap command).
 
@@ -84,8 +85,14 @@ class ColonyMachine:
 
     # Applying the log.
 
-    def apply_batch(self, batch: bytes) -> list[list]:
-        """Apply one log entry; one [status, value] per command. Never raises."""
+    @property
+    def archive(self) -> Archive:
+        return self._st.archive
+
+    def apply_batch(self, batch: bytes, index: int | None = None) -> list[list]:
+        """Apply one log entry (at log ``index``, which the archive records); one [status,
+        value] per command. Never raises, but for the archive failing (ArchiveError: the
+        replica cannot go on, see node/raft_replica.py)."""
         try:
             decoded = msgpack.unpackb(batch, raw=False)
         except Exception:
@@ -96,13 +103,22 @@ class ColonyMachine:
         now = decoded.get("now")
         if not _is_int(now) or not 0 <= now <= _INT64_MAX:
             return [[500, "malformed batch: 'now' must be an int64 of unix ns"] for _ in cmds]
-        return [self._apply_one(cmd, now) for cmd in cmds]
+        archive = self._st.archive
+        if index is not None:
+            archive.begin(index)
+        try:
+            return [self._apply_one(cmd, now) for cmd in cmds]
+        finally:
+            if index is not None:
+                archive.end()
 
     def _apply_one(self, cmd: Any, now: int) -> list:
         try:
             return [200, self.apply(cmd, now)]
         except ColoniesError as e:
             return [e.status, e.message]
+        except ArchiveError:
+            raise
         except Exception as e:
             # A bug, not input. Every replica hits it at the same point (determinism), so the
             # replicas still agree; handlers check before they mutate, so nothing is half done.
@@ -123,7 +139,10 @@ class ColonyMachine:
         now = max(now, st.last_now)
         op = cmd.get("op")
         if isinstance(op, str) and op in INTERNAL:
-            result = INTERNAL[op](st, cmd, now)
+            try:
+                result = INTERNAL[op](st, cmd, now)
+            finally:
+                self._settle(now)
             st.last_now = now
             return result
         handler = WRITES.get(op) if isinstance(op, str) else None
@@ -147,7 +166,15 @@ class ColonyMachine:
         st.nonces.remember(caller, nonce, expiry)
         liveness.heard_from(st, caller, now)  # an executor's write says it is alive
         gen = cmd.get("gen")
-        return handler(st, Request(caller, body, gen if isinstance(gen, str) else ""), now)
+        try:
+            return handler(st, Request(caller, body, gen if isinstance(gen, str) else ""), now)
+        finally:
+            self._settle(now)
+
+    def _settle(self, now: int) -> None:
+        """What the command finished goes to the archive, and retention learns of it."""
+        for colony, ended in history.settle(self._st).items():
+            retention.after_archiving(self._st, colony, ended, now)
 
     # Reads and pre-checks (never change the state).
 
@@ -189,13 +216,38 @@ class ColonyMachine:
     def snapshot(self) -> dict:
         """The whole state as plain msgpack-able data. Shares immutable parts (specs, outputs)
         with the live state: encode it before handing it anywhere that might mutate it."""
-        return self._st.to_snapshot()
+        return snapshot.to_snapshot(self._st)
 
     @classmethod
-    def restore(cls, data: dict) -> ColonyMachine:
-        m = cls()
-        m._st = ColonyState.from_snapshot(data)
+    def restore(
+        cls, data: dict, archive: Archive | None = None, index: int | None = None
+    ) -> ColonyMachine:
+        """The machine a snapshot holds, over ``archive``; ``index`` is the snapshot's log
+        index (finished records in an older snapshot are archived at it)."""
+        m = cls(archive)
+        m._st = snapshot.from_snapshot(data, m._st.archive)
+        if m._st.settling_processes or m._st.settling_graphs:
+            if index is not None:
+                m._st.archive.begin(index)
+            try:
+                m._settle(m._st.last_now)
+            finally:
+                if index is not None:
+                    m._st.archive.end()
         return m
+
+    def restored(self, data: dict, index: int) -> ColonyMachine:
+        """A machine with the state of snapshot ``data`` (taken at log ``index``) over this
+        one's archive (the replica loading a snapshot)."""
+        return type(self).restore(data, self._st.archive, index)
+
+    def sync_history(self) -> None:
+        sync = getattr(self._st.archive, "checkpoint", None)
+        if sync is not None:
+            sync()
+
+    def collect_history(self, upto: int) -> int:
+        return self._st.archive.collect(upto)
 
     def digest(self) -> str:
         """sha3-256 hex of the canonical encoding of snapshot(): equal on converged replicas."""

@@ -13,17 +13,21 @@ from typing import Any
 from consensus import (  # Beyond Colonies
     canonical,
     function_ops,
+    history,
     log_ops,
     pause_ops,
     retention,
+    snapshot,
     subscriptions,
     workflows,
 )
+from consensus.archive import PROCESS
 from consensus.crons import READS as CRON_READS
 from consensus.generators import READS as GENERATOR_READS
 from consensus.listing import ALL_STATES
 from consensus.request import Request
 from consensus.state import ColonyState
+from protocol.messages import FINISHED_STATES
 
 Query = Callable[[ColonyState, Request], Any]
 
@@ -35,7 +39,7 @@ def get_statistics(st: ColonyState, req: Request) -> Any:
 def get_state_digest(st: ColonyState, req: Request) -> Any:
     """The canonical digest of the whole state (ColonyMachine.digest): equal on replicas
     that applied the same log prefix. The node adds the applied index it reflects."""
-    return {"digest": canonical.digest(st.to_snapshot())}
+    return {"digest": canonical.digest(snapshot.to_snapshot(st))}
 
 
 def get_colonies(st: ColonyState, req: Request) -> Any:
@@ -64,10 +68,24 @@ def get_process(st: ColonyState, req: Request) -> Any:
 
 
 def get_processes(st: ColonyState, req: Request) -> Any:
+    """Waiting and running processes in submission order, finished ones newest end first
+    (paged with beforetime/beforeid); all states: the unfinished ones first."""
     b = req.body
+    colony, count, etype = b["colonyname"], b["count"], b["executortype"]
     states = ALL_STATES if b["state"] == -1 else (b["state"],)
-    ids = st.listing.page(b["colonyname"], states, b["executortype"], b["count"])
-    return [st.processes[pid].to_wire() for pid in ids]
+    before = history.before_cursor(b)
+    out: list[Any] = []
+    unfinished = [s for s in states if s not in FINISHED_STATES]
+    if unfinished and before is None:
+        out = [st.processes[pid].to_wire() for pid in st.listing.page(colony, unfinished, etype, count)]
+    finished = [s for s in states if s in FINISHED_STATES]
+    if finished and len(out) < count:
+        found = history.newest_finished(
+            st, colony, PROCESS, finished, etype, count - len(out), before
+        )
+        out += [p.to_wire() for p in found]
+    return out
+
 
 
 def get_attribute(st: ColonyState, req: Request) -> Any:

@@ -168,6 +168,9 @@ class Process:
     # internal index detail: in snapshots, not on the wire).
     backoffuntil: int = 0
     parked: bool = False
+    # A read-only view of an archived process (ColonyState.process): never changed, and not
+    # part of the live state. Not on the wire or in snapshots.
+    archived: bool = False
 
     @property
     def colonyname(self) -> str:
@@ -221,7 +224,7 @@ class Process:
         return d
 
     @classmethod
-    def from_snapshot(cls, d: dict[str, Any]) -> Process:
+    def from_snapshot(cls, d: dict[str, Any], archived: bool = False) -> Process:
         return cls(
             processid=d["processid"],
             seq=d["seq"],
@@ -251,6 +254,7 @@ class Process:
             # Retries with backoff, concurrency limits: absent before format 3.
             backoffuntil=d.get("backoffuntil", 0),
             parked=bool(d.get("parked", False)),
+            archived=archived,
         )
 
 
@@ -292,6 +296,7 @@ class ProcessGraph:
     starttime: int = 0
     endtime: int = 0
     counts: list[int] = field(default_factory=lambda: [0] * len(STATE_NAMES))
+    archived: bool = False  # a read-only view of an archived graph (ColonyState.graph)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -313,7 +318,7 @@ class ProcessGraph:
         return d
 
     @classmethod
-    def from_snapshot(cls, d: dict[str, Any]) -> ProcessGraph:
+    def from_snapshot(cls, d: dict[str, Any], archived: bool = False) -> ProcessGraph:
         return cls(
             processgraphid=d["processgraphid"],
             seq=d["seq"],
@@ -326,4 +331,5 @@ class ProcessGraph:
             state=d["state"],
             starttime=d["starttime"],
             endtime=d["endtime"],
+            archived=archived,
         )

@@ -1,14 +1,17 @@
-"""Retention: finished processes and workflows are removed a set time after they ended.
+"""Retention: archived processes and workflows are removed after an age, or beyond a count.
 
-Off by default (as in Colonies, where retention is opt-in): nothing is removed until the
-colony owner sets a retention time with `setretentionmsg` (`colonies colony retention
---seconds N`). Then a sweep timer "retention:<colony>" fires every min(N, 60) s and removes
-the colony's finished (successful, failed, cancelled) standalone processes and finished
-workflows (with all their members) whose end is more than N s in the past, oldest end first,
-at most MAX_REMOVED_PER_SWEEP processes per tick; when more are due, it sets its timer again
-at the same time, so the leader's ticker proposes the next tick at once and one log entry
-stays cheap to apply. The setting is replicated state (in snapshots), so every replica
-removes the same processes at the same place in the log.
+Finished work lives in the archive on disk (consensus/archive.py), not in memory, so keeping
+it costs disk only. By default a colony keeps it ``DEFAULT_RETENTION_S`` (30 days) after it
+ended. The colony owner changes that with ``setretentionmsg`` (`colonies colony retention`):
+an age in seconds, a count (keep the newest N standalone processes and the newest N
+workflows), both, neither (keep everything), or back to the default. A colony's sweep timer
+"retention:<colony>" is set for when its oldest archived row comes due (at once when it holds
+more than its count), and only while it has archived rows, so an idle cluster proposes no
+sweeps. A sweep removes, oldest end first, what is past the age or beyond the count:
+workflows with all their members, and standalone processes, at most MAX_REMOVED_PER_SWEEP
+rows per tick; when more are due it sets its timer again at once, so the leader's ticker
+proposes the next tick and one log entry stays cheap to apply. The setting is replicated
+state, so every replica removes the same rows at the same place in the log.
 
 Export before the window ends: `exportprocessesmsg` pages through a colony's finished
 processes in submission order with a cursor (`colonies process export` writes them as JSON
@@ -17,65 +20,112 @@ lines), so the full history can be kept outside the cluster.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterator
 from typing import Any
 
-from consensus import timers
-from consensus.records import NS_PER_S
+from consensus import history, timers
+from consensus.archive import GRAPH, PROCESS, Archived
+from consensus.records import NS_PER_S, Process
 from consensus.request import Request
 from consensus.state import ColonyState
 from protocol.messages import FINISHED_STATES
 
 KIND = "retention"
-SWEEP_PERIOD_S = 60
+DEFAULT_RETENTION_S = 30 * 86_400
 MAX_REMOVED_PER_SWEEP = 1000
-# An export page scans at most this many finished processes per returned one (the rest are
-# filtered out by `since`), so a page stays cheap; the cursor moves past what was scanned.
-EXPORT_SCAN_FACTOR = 10
+
 
 def timer_key(colony: str) -> str:
     return f"{KIND}:{colony}"
 
 
-def period_ns(seconds: int) -> int:
-    return min(seconds, SWEEP_PERIOD_S) * NS_PER_S
+def policy(st: ColonyState, colony: str) -> tuple[int, int]:
+    """(seconds, count) for a colony: its owner's setting, else the default."""
+    return st.retention.get(colony, (DEFAULT_RETENTION_S, 0))
+
+
+def next_due(st: ColonyState, colony: str, now: int) -> int | None:
+    """When the colony's oldest archived row comes due (now if it holds more than its
+    count), or None when nothing will."""
+    seconds, count = policy(st, colony)
+    if count and any(history.archived_total(st, colony, k) > count for k in ("process", "graph")):
+        return now
+    if not seconds:
+        return None
+    gen = st.colony_gen[colony]
+    ends = [r.ended for kind in (GRAPH, PROCESS) for r in st.archive.oldest(colony, gen, kind, 1)]
+    return min(ends) + seconds * NS_PER_S if ends else None
+
+
+def schedule(st: ColonyState, colony: str, now: int) -> None:
+    """Set (or clear) the colony's sweep timer from what its archive holds."""
+    due = next_due(st, colony, now) if colony in st.colonies else None
+    if due is None:
+        st.timers.clear(timer_key(colony))
+    else:
+        st.timers.set(timer_key(colony), max(due, now), KIND)
+
+
+def after_archiving(st: ColonyState, colony: str, ended: int, now: int) -> None:
+    """Rows ending at ``ended`` (the earliest of them) were just archived: come back when
+    they are due, unless the timer already waits for older ones."""
+    seconds, count = policy(st, colony)
+    key = timer_key(colony)
+    if count and any(history.archived_total(st, colony, k) > count for k in ("process", "graph")):
+        st.timers.set(key, now, KIND)
+    elif seconds and st.timers.get(key) is None:
+        st.timers.set(key, max(ended + seconds * NS_PER_S, now), KIND)
 
 
 # Writes and reads.
 
 
 def set_retention(st: ColonyState, req: Request, now: int) -> Any:
-    colony, seconds = req.body["colonyname"], req.body["seconds"]
-    if seconds == 0:
+    b = req.body
+    colony = b["colonyname"]
+    if b["default"]:
         st.retention.pop(colony, None)
-        st.timers.clear(timer_key(colony))
     else:
-        st.retention[colony] = seconds
-        st.timers.set(timer_key(colony), now + period_ns(seconds), KIND)
-    return {"colonyname": colony, "seconds": seconds}
+        st.retention[colony] = (b["seconds"], b["count"])
+    schedule(st, colony, now)
+    return get_retention(st, req)
 
 
 def get_retention(st: ColonyState, req: Request) -> Any:
     colony = req.body["colonyname"]
-    return {"colonyname": colony, "seconds": st.retention.get(colony, 0)}
+    seconds, count = policy(st, colony)
+    return {
+        "colonyname": colony,
+        "seconds": seconds,
+        "count": count,
+        "default": colony not in st.retention,
+    }
 
 
 def export_processes(st: ColonyState, req: Request) -> Any:
     """Finished processes (workflow members too) submitted after `afterseq`, in submission
     order, that ended at or after `since`; `cursor` is where the next page starts, `more`
-    whether there may be more."""
+    whether there may be more. Archived ones come from the archive, the finished members of
+    workflows still running from the live state."""
     b = req.body
-    count, since = b["count"], b["since"]
-    cursor, out, scanned = b["afterseq"], [], 0
-    more = False
-    for seq, pid in st.listing.after(b["colonyname"], FINISHED_STATES, "", b["afterseq"]):
-        if len(out) == count or scanned == count * EXPORT_SCAN_FACTOR:
+    colony, count, since = b["colonyname"], b["count"], b["since"]
+    live = (
+        (p.seq, p)
+        for _seq, pid in st.listing.after(colony, FINISHED_STATES, "", b["afterseq"])
+        if (p := st.processes[pid]).endtime >= since
+    )
+    rows = st.archive.after_seq(
+        colony, st.colony_gen[colony], "", b["afterseq"], count + 1, ended_at_least=since
+    )
+    archived = ((r.seq, Process.from_snapshot(r.record, archived=True)) for r in rows)
+    out, cursor, more = [], b["afterseq"], False
+    for seq, p in heapq.merge(live, archived, key=lambda item: item[0]):
+        if len(out) == count:
             more = True
             break
-        scanned += 1
+        out.append(p.to_wire())
         cursor = seq
-        p = st.processes[pid]
-        if p.endtime >= since:
-            out.append(p.to_wire())
     return {"processes": out, "cursor": cursor, "more": more}
 
 
@@ -84,32 +134,46 @@ def export_processes(st: ColonyState, req: Request) -> Any:
 
 def sweep(st: ColonyState, key: str, now: int) -> list[str]:
     colony = key[len(KIND) + 1 :]
-    seconds = st.retention.get(colony)
-    if seconds is None or colony not in st.colonies:
-        st.retention.pop(colony, None)
+    if colony not in st.colonies:
         return []
-    cutoff = now - seconds * NS_PER_S
+    seconds, count = policy(st, colony)
+    if not seconds and not count:
+        return []
+    gen = st.colony_gen[colony]
     budget = MAX_REMOVED_PER_SWEEP
     removed: list[str] = []
-    leftover = False  # due work left for the next tick because the budget ran out
-    for _end, _seq, gid in st.finished.ended_before(True, colony, cutoff, budget):
-        g = st.graphs[gid]
-        if len(g.processids) > budget:
-            leftover = True  # next tick, with a fresh budget (graphs are bounded in size)
+    due: list[Archived] = []
+    if seconds:
+        cutoff = now - seconds * NS_PER_S
+        for kind in (GRAPH, PROCESS):
+            due += st.archive.oldest(colony, gen, kind, budget, ended_at_most=cutoff)
+    if count:
+        for kind, counted in ((GRAPH, "graph"), (PROCESS, "process")):
+            excess = history.archived_total(st, colony, counted) - count
+            if excess > 0:
+                due += st.archive.oldest(colony, gen, kind, min(excess, budget))
+    leftover = False
+    for row in _unique_oldest_first(due):
+        cost = history.removal_cost(row)
+        if removed and cost > budget:
+            leftover = True  # next tick, with a fresh budget
             break
-        if any(g.counts[s] for s in range(len(g.counts)) if s not in FINISHED_STATES):
-            continue  # a member is not finished (cannot happen for a finished graph today)
-        budget -= len(g.processids)
-        st.remove_graph(g)
-        removed.append(gid)
-    for _end, _seq, pid in st.finished.ended_before(False, colony, cutoff, budget):
-        st.remove_process(st.processes[pid])
-        budget -= 1
-        removed.append(pid)
-    if budget == 0 and any(st.finished.ended_before(g, colony, cutoff, 1) for g in (True, False)):
-        leftover = True
-    st.timers.set(key, now if leftover else now + period_ns(seconds), KIND)
+        history.remove_rows(st, [row])
+        removed.append(row.id)
+        budget -= cost
+    if leftover or budget <= 0:
+        st.timers.set(key, now, KIND)  # more is due: the next tick goes on at once
+    else:
+        schedule(st, colony, now)
     return removed
+
+
+def _unique_oldest_first(rows: list[Archived]) -> Iterator[Archived]:
+    seen: set[tuple[str, str]] = set()
+    for row in sorted(rows, key=lambda r: (r.ended, r.id)):
+        if (row.kind, row.id) not in seen:
+            seen.add((row.kind, row.id))
+            yield row
 
 
 timers.HANDLERS[KIND] = sweep

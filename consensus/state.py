@@ -13,16 +13,21 @@ Process graphs (workflows) are kept the same way: a member's state is counted in
 (`_index`/`_unindex`), and every transition of a member refreshes the graph's state, times
 and listing in O(1). What a member's end does to the rest of its graph (children become
 ready, a failure fails the graph) is workflow policy, in graphs.py.
+
+Only live state is here: a standalone process that finishes, and a graph that finishes with
+its members, are noted in `settling_*` and moved to the archive (consensus/archive.py) when
+the command ends (consensus/history.py). Lookups by id (`process`, `graph`, `attribute`) find
+archived records too, as read-only views.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from consensus.archive import GRAPH, PROCESS, Archive, MemoryArchive
 from consensus.assign_queue import AssignQueue
 from consensus.concurrency import ConcurrencyIndex
 from consensus.deadlines import EXEC, WAIT, DeadlineIndex
-from consensus.finished import FinishedIndex
 from consensus.function_record import Function
 from consensus.idempotency import IdempotencyBook
 from consensus.lifecycle import Event, next_state
@@ -33,16 +38,6 @@ from consensus.records import Attribute, Colony, Executor, Process, ProcessGraph
 from consensus.schedule_records import Cron, Generator, Registry
 from protocol.errors import InternalError, NotFound
 from protocol.messages import CANCELLED, FAILED, FINISHED_STATES, RUNNING, SUCCESS, WAITING
-
-# 2 added process graphs and the processes' workflow fields; format 1 snapshots (no
-# workflows) still load. 3 added the timers (consensus/timers.py) and the sections of the
-# features that use them; every section added since 2 is optional when reading. Format 3
-# also carries process logs, functions, paused colonies, per-colony stale-after and the
-# executors' stale mark (all optional on read). Beyond Colonies adds the idempotency keys,
-# retention per colony and the processes' backoffuntil and parked fields (optional too).
-# Generators (with their queued arguments) and crons: sections of format 3, optional too.
-SNAPSHOT_FORMAT = 3
-READABLE_SNAPSHOT_FORMATS = (1, 2, 3)
 
 # The process fields a transition may change (everything else is fixed at submission).
 _MUTABLE = frozenset(
@@ -78,7 +73,7 @@ _STAT_LABELS = (
 
 
 class ColonyState:
-    def __init__(self) -> None:
+    def __init__(self, archive: Archive | None = None) -> None:
         self.server_id = ""
         self.cluster_id = ""
         # The Raft group's members: libp2p peer id -> full multiaddr. PySyncObj keeps the
@@ -107,8 +102,8 @@ class ColonyState:
         # Beyond Colonies (backoff.py, idempotency.py, concurrency.py, retention.py).
         self.idempotency = IdempotencyBook()
         self.concurrency = ConcurrencyIndex()  # derived from the processes
-        self.retention: dict[str, int] = {}  # colony -> seconds; absent = keep forever
-        self.finished = FinishedIndex()  # derived: what retention may remove, by end time
+        # colony -> (seconds, count) set by its owner; absent = the default (retention.py)
+        self.retention: dict[str, tuple[int, int]] = {}
         # Logs, functions, pause, executor liveness (log_ops, function_ops, pause_ops,
         # liveness). Dicts used as ordered sets: iteration order is insertion order, the same
         # on every replica, and snapshots sort them anyway.
@@ -117,6 +112,21 @@ class ColonyState:
         self.executor_functions: dict[str, dict[str, str]] = {}  # eid -> funcname -> fid
         self.paused: dict[str, None] = {}  # colonies whose assignment is paused
         self.stale_after: dict[str, int] = {}  # colony -> seconds; absent = staleness off
+        # History (consensus/archive.py, consensus/history.py).
+        self.archive: Archive = archive if archive is not None else MemoryArchive()
+        # A colony's generation: its archived rows carry it, so those of a removed colony
+        # never show in one created later under the same name.
+        self.colony_gen: dict[str, int] = {}
+        # Archived rows per (colony, kind, state); kind "process" (standalone), "member" (of
+        # an archived graph) or "graph". Statistics read them; retention by count too.
+        self.archived: dict[tuple[str, str, int], int] = {}
+        # Removed colonies whose archived rows are still being purged: "name#gen" -> gen,
+        # and removals of archived rows still going on (history.start_removal).
+        self.purges: dict[str, int] = {}
+        self.removals: dict[str, list[Any]] = {}
+        # Finished in the command being applied: archived when it ends (history.settle).
+        self.settling_processes: dict[str, None] = {}
+        self.settling_graphs: dict[str, None] = {}
 
     # Lookups that answer 404 with a message a person can act on.
 
@@ -133,13 +143,21 @@ class ColonyState:
         return self.executors[eid]
 
     def process(self, processid: str) -> Process:
+        """A live process, or an archived one (a read-only view)."""
         p = self.processes.get(processid)
+        if p is None:
+            p = self.archived_process(processid)
         if p is None:
             raise NotFound(f"process {processid} not found")
         return p
 
     def graph(self, processgraphid: str) -> ProcessGraph:
+        """A live graph, or an archived one (a read-only view)."""
         g = self.graphs.get(processgraphid)
+        if g is None:
+            row = self.archive.get(GRAPH, processgraphid)
+            if row is not None and self.colony_gen.get(row.colony) == row.gen:
+                g = ProcessGraph.from_snapshot(row.record, archived=True)
         if g is None:
             raise NotFound(f"process graph {processgraphid} not found")
         return g
@@ -147,15 +165,32 @@ class ColonyState:
     def attribute(self, attributeid: str) -> Attribute:
         a = self.attributes.get(attributeid)
         if a is None:
+            owner = self.archive.attribute_owner(attributeid)
+            p = self.archived_process(owner) if owner is not None else None
+            a = next((x for x in p.attributes if x.attributeid == attributeid), None) if p else None
+        if a is None:
             raise NotFound(f"attribute {attributeid} not found")
         return a
 
+    def archived_process(self, processid: str) -> Process | None:
+        row = self.archive.get(PROCESS, processid)
+        if row is None or self.colony_gen.get(row.colony) != row.gen:
+            return None
+        return Process.from_snapshot(row.record, archived=True)
+
+    def process_exists(self, processid: str) -> bool:
+        return processid in self.processes or self.archived_process(processid) is not None
+
+    def graph_exists(self, processgraphid: str) -> bool:
+        return processgraphid in self.graphs or self.archive.get(GRAPH, processgraphid) is not None
+
     # Colonies and executors.
 
-    def add_colony(self, colony: Colony) -> None:
+    def add_colony(self, colony: Colony, gen: int) -> None:
         self.colonies[colony.name] = colony
         self.colony_by_owner[colony.colonyid] = colony.name
         self.colony_executors[colony.name] = {}
+        self.colony_gen[colony.name] = gen
 
     def remove_colony(self, name: str) -> None:
         """Remove a colony with everything in it: graphs, processes, attributes, executors."""
@@ -174,6 +209,12 @@ class ColonyState:
         self.paused.pop(name, None)
         self.stale_after.pop(name, None)
         self.retention.pop(name, None)  # retention: its sweep timer then finds nothing
+        # Its archived rows are invisible from now on (another generation) and purged in
+        # batches by history.purge, so that no log entry has to delete a colony's history.
+        gen = self.colony_gen.pop(name)
+        for key in [k for k in self.archived if k[0] == name]:
+            del self.archived[key]
+        self.purges[f"{name}#{gen}"] = gen
         del self.colony_by_owner[colony.colonyid]
         del self.colonies[name]
 
@@ -232,6 +273,8 @@ class ColonyState:
         self._set(p, p.state, changes, now)
 
     def _set(self, p: Process, state: int, changes: dict[str, Any], now: int) -> None:
+        if p.archived:
+            raise InternalError(f"archived process {p.processid} cannot change")
         for k in changes:
             if k not in _MUTABLE:
                 raise InternalError(f"process field '{k}' cannot change")
@@ -245,6 +288,8 @@ class ColonyState:
             self._release_parked(p.colonyname, p.spec["concurrencykey"], now)
         if p.processgraphid:
             self.refresh_graph(self.graphs[p.processgraphid], now)
+        elif state in FINISHED_STATES:
+            self.settling_processes[p.processid] = None
 
     # Process graphs. Members are added with add_process after their graph, and removed
     # with it.
@@ -252,14 +297,12 @@ class ColonyState:
     def add_graph(self, g: ProcessGraph) -> None:
         self.graphs[g.processgraphid] = g
         self.graph_listing.add(g.colonyname, g.state, "", g.seq, g.processgraphid)
-        self._index_finished_graph(g, True)
 
     def remove_graph(self, g: ProcessGraph) -> None:
         """Remove a graph and all its processes."""
         for pid in g.processids:
             self.remove_process(self.processes[pid])
         self.graph_listing.remove(g.colonyname, g.state, "", g.seq)
-        self._index_finished_graph(g, False)
         del self.graphs[g.processgraphid]
 
     def refresh_graph(self, g: ProcessGraph, now: int) -> None:
@@ -270,14 +313,13 @@ class ColonyState:
         if state == g.state:
             return
         self.graph_listing.remove(g.colonyname, g.state, "", g.seq)
-        self._index_finished_graph(g, False)
         g.state = state
         if state == RUNNING and g.starttime == 0:
             g.starttime = now
         if state in FINISHED_STATES:
             g.endtime = now
+            self.settling_graphs[g.processgraphid] = None
         self.graph_listing.add(g.colonyname, g.state, "", g.seq, g.processgraphid)
-        self._index_finished_graph(g, True)
 
     def add_attribute(self, p: Process, a: Attribute) -> None:
         p.attributes.append(a)
@@ -344,21 +386,6 @@ class ColonyState:
                 self.concurrency.started(p.colonyname, ckey)
             else:
                 self.concurrency.stopped(p.colonyname, ckey)
-        if p.state in FINISHED_STATES and not p.processgraphid:
-            # Workflow members go with their graph, so only the graph is swept.
-            entry = (p.endtime, p.seq, p.processid)
-            if add:
-                self.finished.add(False, p.colonyname, entry)
-            else:
-                self.finished.remove(False, p.colonyname, entry)
-
-    def _index_finished_graph(self, g: ProcessGraph, add: bool) -> None:
-        if g.state in FINISHED_STATES:
-            entry = (g.endtime, g.seq, g.processgraphid)
-            if add:
-                self.finished.add(True, g.colonyname, entry)
-            else:
-                self.finished.remove(True, g.colonyname, entry)
 
     def _release_parked(self, colony: str, ckey: str, now: int) -> None:
         """A process of `ckey` stopped running: move the earliest parked processes of the
@@ -376,106 +403,35 @@ class ColonyState:
             self._set(q, q.state, {"parked": False}, now)
             released += 1
 
-    # Statistics: always the listing sizes.
+    # Statistics: the live listings' sizes plus the archived counts.
 
     def statistics(self) -> dict[str, int]:
         stats = {"colonies": len(self.colonies), "executors": len(self.executors)}
+        archived: dict[tuple[str, int], int] = {}
+        for (_colony, kind, state), n in self.archived.items():
+            key = ("graph" if kind == "graph" else "process", state)
+            archived[key] = archived.get(key, 0) + n
         for state, label in _STAT_LABELS:
-            stats[f"{label}processes"] = self.listing.total(state)
+            stats[f"{label}processes"] = (
+                self.listing.total(state) + archived.get(("process", state), 0)
+            )
         for state, label in _STAT_LABELS:
-            stats[f"{label}workflows"] = self.graph_listing.total(state)
+            stats[f"{label}workflows"] = (
+                self.graph_listing.total(state) + archived.get(("graph", state), 0)
+            )
         return stats
 
     def colony_statistics(self, name: str) -> dict[str, int]:
         stats = {"colonies": 1, "executors": len(self.colony_executors[name])}
+        a = self.archived
         for state, label in _STAT_LABELS:
-            stats[f"{label}processes"] = self.listing.count(name, state)
+            stats[f"{label}processes"] = (
+                self.listing.count(name, state)
+                + a.get((name, "process", state), 0)
+                + a.get((name, "member", state), 0)
+            )
         for state, label in _STAT_LABELS:
-            stats[f"{label}workflows"] = self.graph_listing.count(name, state)
+            stats[f"{label}workflows"] = (
+                self.graph_listing.count(name, state) + a.get((name, "graph", state), 0)
+            )
         return stats
-
-    # Snapshots: plain msgpack-able data in a canonical order (sorted by name or sequence),
-    # so two replicas with the same state produce the same bytes.
-
-    def to_snapshot(self) -> dict[str, Any]:
-        return {
-            "format": SNAPSHOT_FORMAT,
-            "serverid": self.server_id,
-            "clusterid": self.cluster_id,
-            "lastnow": self.last_now,
-            "nextseq": self.next_seq,
-            "appliedchanges": self.applied_changes,
-            "colonies": [self.colonies[n].to_wire() for n in sorted(self.colonies)],
-            "executors": [
-                self.executors[eid].to_wire()
-                for eid in sorted(
-                    self.executors,
-                    key=lambda e: (self.executors[e].colonyname, self.executors[e].executorname),
-                )
-            ],
-            "processgraphs": [
-                g.to_snapshot() for g in sorted(self.graphs.values(), key=lambda g: g.seq)
-            ],
-            "processes": [
-                p.to_snapshot() for p in sorted(self.processes.values(), key=lambda p: p.seq)
-            ],
-            "nonces": self.nonces.to_snapshot(),
-            "members": [[pid, self.members[pid]] for pid in sorted(self.members)],
-            "timers": [list(e) for e in self.timers.entries()],
-            # Generators and crons, by colony and name (format 3, optional on read).
-            "generators": self.generators.to_snapshot(),
-            "crons": self.crons.to_snapshot(),
-            # Logs, functions, pause, executor liveness (format 3, optional on read).
-            "logs": [self.logs[pid].to_snapshot() for pid in sorted(self.logs)],
-            "functions": [
-                f.to_snapshot()
-                for f in sorted(
-                    self.functions.values(),
-                    key=lambda f: (f.colonyname, f.executorname, f.funcname),
-                )
-            ],
-            "pausedcolonies": sorted(self.paused),
-            "staleafter": [[c, self.stale_after[c]] for c in sorted(self.stale_after)],
-            # Beyond Colonies (format 3, optional on read): idempotency keys by first submit
-            # time, retention per colony. Backoff and parking live in the processes' fields.
-            "idempotencykeys": self.idempotency.to_snapshot(),
-            "retention": [[c, self.retention[c]] for c in sorted(self.retention)],
-        }
-
-    @classmethod
-    def from_snapshot(cls, data: dict[str, Any]) -> ColonyState:
-        if data.get("format") not in READABLE_SNAPSHOT_FORMATS:
-            raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
-        st = cls()
-        st.server_id = data["serverid"]
-        st.cluster_id = data["clusterid"]
-        st.last_now = data["lastnow"]
-        st.next_seq = data["nextseq"]
-        st.applied_changes = data["appliedchanges"]
-        for c in data["colonies"]:
-            st.add_colony(Colony.from_snapshot(c))
-        for e in data["executors"]:
-            st.add_executor(Executor.from_snapshot(e))
-        # Graphs first: adding a member counts it in its graph. Their states come from the
-        # snapshot; the counts are rebuilt from the members.
-        for g in data.get("processgraphs", []):
-            st.add_graph(ProcessGraph.from_snapshot(g))
-        for p in data["processes"]:
-            st.add_process(Process.from_snapshot(p))
-        st.nonces = NonceBook.from_snapshot(data["nonces"])
-        st.members = {pid: addr for pid, addr in data.get("members", [])}
-        for at, key, kind in data.get("timers", []):
-            st.timers.set(key, at, kind)
-        for d in data.get("generators", []):
-            st.generators.add(Generator.from_snapshot(d))
-        for d in data.get("crons", []):
-            st.crons.add(Cron.from_snapshot(d))
-        for d in data.get("logs", []):
-            st.logs[d["processid"]] = ProcessLog.from_snapshot(d)
-        for d in data.get("functions", []):
-            st.add_function(Function.from_snapshot(d))
-        st.paused = dict.fromkeys(data.get("pausedcolonies", []))
-        st.stale_after = {c: s for c, s in data.get("staleafter", [])}
-        st.idempotency = IdempotencyBook.from_snapshot(data.get("idempotencykeys", []))
-        st.retention = {c: s for c, s in data.get("retention", [])}
-        return st

@@ -15,9 +15,11 @@ when the apply reaches that follower. These reads never change the state.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from consensus.listing import ALL_STATES
+from consensus.records import Process
 from consensus.request import Request
 from consensus.state import ColonyState
 from protocol.errors import BadRequest
@@ -45,12 +47,19 @@ def follow_processes(st: ColonyState, req: Request) -> Any:
     after = b["afterseq"]
     if after < 0:
         return {"processes": [], "cursor": st.next_seq - 1}
+    colony, etype, count = b["colonyname"], b["executortype"], b["count"]
+    live = (
+        (seq, st.processes[pid])
+        for seq, pid in st.listing.after(colony, ALL_STATES, etype, after)
+    )
+    rows = st.archive.after_seq(colony, st.colony_gen[colony], etype, after, count)
+    archived = ((r.seq, Process.from_snapshot(r.record, archived=True)) for r in rows)
     out: list[dict[str, Any]] = []
     cursor = after
-    for seq, pid in st.listing.after(b["colonyname"], ALL_STATES, b["executortype"], after):
-        if len(out) == b["count"]:
+    for seq, p in heapq.merge(live, archived, key=lambda item: item[0]):
+        if len(out) == count:
             break
-        out.append(st.processes[pid].to_wire())
+        out.append(p.to_wire())
         cursor = seq
     return {"processes": out, "cursor": cursor}
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from consensus import graphs
+from consensus import graphs, history
+from consensus.archive import GRAPH
 from consensus.listing import ALL_STATES
 from consensus.process_ops import new_process, normalized_spec
 from consensus.records import ProcessGraph
@@ -72,7 +73,7 @@ def create_graph(
     `initiatorname` names an initiator that may no longer be an executor."""
     parents = graphs.validate_workflow(specs)
     pids = [graphs.member_id(gid, i) for i in range(len(specs))]
-    if gid in st.graphs or any(pid in st.processes for pid in pids):
+    if st.graph_exists(gid) or any(st.process_exists(pid) for pid in pids):
         raise BadRequest(f"process graph id {gid} (or one of its process ids) is already in use")
     children: list[list[int]] = [[] for _ in specs]
     for i, mine in enumerate(parents):
@@ -115,7 +116,10 @@ def create_graph(
 
 
 def remove_process_graph(st: ColonyState, req: Request, now: int) -> Any:
-    g = st.graphs[req.body["processgraphid"]]  # the role rule checked it exists
+    g = st.graph(req.body["processgraphid"])  # the role rule checked it exists
+    if g.archived:
+        history.remove_graph(st, g)
+        return {}
     _check_removable(st, g)
     st.remove_graph(g)
     return {}
@@ -138,11 +142,15 @@ def remove_all_process_graphs(st: ColonyState, req: Request, now: int) -> Any:
     for s in states:
         for gid in st.graph_listing.ids(colony, s):
             st.remove_graph(st.graphs[gid])
+    finished = [s for s in states if s in FINISHED_STATES]
+    if finished:
+        # Archived ones: a batch now, the rest over the next ticks (consensus/history.py).
+        history.start_removal(st, colony, GRAPH, finished, now)
     return {}
 
 
 def cancel_process_graph(st: ColonyState, req: Request, now: int) -> Any:
-    g = st.graphs[req.body["processgraphid"]]
+    g = st.graph(req.body["processgraphid"])
     if g.state in FINISHED_STATES:
         raise BadRequest(
             f"process graph {g.processgraphid} is {_state_name(g.state)} "
@@ -164,7 +172,7 @@ def add_child(st: ColonyState, req: Request, now: int) -> Any:
     """
     b = req.body
     g = st.graph(b["processgraphid"])
-    parent = st.processes[b["parentprocessid"]]  # the role rule: it exists, caller runs it
+    parent = st.process(b["parentprocessid"])  # the role rule: it exists, caller runs it
     if parent.processgraphid != g.processgraphid:
         raise BadRequest(
             f"process {parent.processid} is not part of process graph {g.processgraphid}"
@@ -180,7 +188,7 @@ def add_child(st: ColonyState, req: Request, now: int) -> Any:
             f"the most a graph may hold"
         )
     pid = _generated_id(req, "adding a child")
-    if pid in st.processes:
+    if st.process_exists(pid):
         raise BadRequest(f"process id {pid} is already in use")
     existing = None
     if b["childprocessid"]:
@@ -248,8 +256,8 @@ def get_process_graph(st: ColonyState, req: Request) -> Any:
     g = st.graph(req.body["processgraphid"])
     reply = g.to_wire()
     nodes, edges = [], []
-    for pid in g.processids:
-        p = st.processes[pid]
+    for p in history.graph_members(st, g):
+        pid = p.processid
         nodes.append(
             {
                 "processid": pid,
@@ -267,10 +275,21 @@ def get_process_graph(st: ColonyState, req: Request) -> Any:
 
 
 def get_process_graphs(st: ColonyState, req: Request) -> Any:
+    """Waiting and running graphs in submission order, finished ones (archived) newest end
+    first, paged with beforetime/beforeid; all states: the unfinished ones first."""
     b = req.body
+    colony, count = b["colonyname"], b["count"]
     states = ALL_STATES if b["state"] == -1 else (b["state"],)
-    ids = st.graph_listing.page(b["colonyname"], states, "", b["count"])
-    return [st.graphs[gid].to_wire() for gid in ids]
+    before = history.before_cursor(b)
+    out: list[Any] = []
+    unfinished = [s for s in states if s not in FINISHED_STATES]
+    if unfinished and before is None:
+        out = [st.graphs[gid].to_wire() for gid in st.graph_listing.page(colony, unfinished, "", count)]
+    finished = [s for s in states if s in FINISHED_STATES]
+    if finished and len(out) < count:
+        found = history.newest_finished(st, colony, GRAPH, finished, "", count - len(out), before)
+        out += [g.to_wire() for g in found]
+    return out
 
 
 WRITES: dict[str, Handler] = {

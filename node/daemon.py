@@ -22,6 +22,9 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 
+from consensus.machine import ColonyMachine
+from node.archive_sqlite import ARCHIVE_FILE, SqliteArchive
+from node.archive_upkeep import keep_archive
 from node.client import Client
 from node.datadir import SERVER_KEY_FILE, DataDir, load_or_create_key, read_key
 from node.dispatch import Dispatcher
@@ -200,10 +203,12 @@ class ColonyNode:
                 on_members_changed=lambda m: self._membership_hook(m),
                 faults=faults,
             )
+            archive = SqliteArchive(self.config.data_dir / ARCHIVE_FILE)
             raft = ReplicatedColony(
                 self.peer_id,
                 list(others),
                 self.data,
+                ColonyMachine(archive),
                 transport=transport,
                 timeouts=GROUP_TIMEOUTS if others else SOLO_TIMEOUTS,
                 joining=joining,
@@ -221,6 +226,7 @@ class ColonyNode:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.loop.run)
+                    nursery.start_soon(keep_archive, archive, lambda: raft.snapshot_index)
                     if faults is not None:
                         await nursery.start(faults.run)
                     await nursery.start(transport.run)
@@ -266,6 +272,7 @@ class ColonyNode:
             finally:
                 with trio.CancelScope(shield=True):
                     await replicator.close()
+                archive.close()
 
     def _is_member(self, peer_id: str) -> bool:
         """Raft peers are never refused as clients (libp2p_patches.ConnectionLimits)."""

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import trio
 
 from node import subscriptions
+from node.archive_sqlite import file_digest
 from node.log_follow import follow_logs
 from protocol.envelope import Request
 from protocol.errors import NotFound, RequestTimeout, error_from_wire
@@ -94,10 +95,7 @@ class Dispatcher:
             if req.msgtype in subscriptions.LONG_POLLS:  # woken by applies on this replica
                 return await subscriptions.serve(self.log, req)
             if req.msgtype == "getstatedigestmsg":
-                # This replica's own digest with the index it reflects (read together, with no
-                # await between, so they match); never forwarded, so each node can be asked.
-                value = self.log.machine.read(req.msgtype, req.caller, req.body, 0)
-                return {**value, "applied": self.log.colony.last_applied}
+                return await self._state_digest(req)
             return self.log.machine.read(req.msgtype, req.caller, req.body, time.time_ns())
         self.log.machine.authorize(req.msgtype, req.caller, req.body)
         if req.msgtype == "assignprocessmsg":
@@ -105,6 +103,18 @@ class Dispatcher:
         if req.msgtype == "closeassignmsg":
             return await self._close_assign(req)
         return await self._write(req, req.msgtype, req.body, req.nonce)
+
+    async def _state_digest(self, req: Request) -> Any:
+        """This replica's own digest with the index it reflects (read together, with no await
+        between, so they match), and its archive's with the index that one reflects (read in
+        a worker thread in one transaction); never forwarded, so each node can be asked."""
+        value = self.log.machine.read(req.msgtype, req.caller, req.body, 0)
+        reply = {**value, "applied": self.log.colony.last_applied}
+        path = getattr(getattr(self.log.machine, "archive", None), "path", None)
+        if path is not None:
+            digest, applied = await trio.to_thread.run_sync(file_digest, path)
+            reply["archive"] = {"digest": digest, "applied": applied}
+        return reply
 
     async def _write(self, req: Request, op: str, body: dict, nonce: bytes) -> Any:
         cmd = {

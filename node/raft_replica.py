@@ -52,6 +52,7 @@ from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.transport import Transport
 
+from consensus.archive import ArchiveError
 from node.datadir import FILE_MODE, DataDir
 from node.pickle_guard import parse_membership_command, parse_version_command
 from node.raft_dump import decode_dump, encode_dump
@@ -83,14 +84,21 @@ _STATE_NAMES = {
 class StateMachine(Protocol):
     """What the adapter needs from ``consensus.machine.ColonyMachine``."""
 
-    def apply_batch(self, batch: bytes) -> list[list[Any]]: ...
+    def apply_batch(self, batch: bytes, index: int | None = None) -> list[list[Any]]: ...
 
     def snapshot(self) -> dict[str, Any]: ...
 
-    @classmethod
-    def restore(cls, data: dict[str, Any]) -> StateMachine: ...
+    def restored(self, data: dict[str, Any], index: int) -> StateMachine:
+        """A machine like this one, with the state of snapshot ``data`` (taken at log
+        ``index``), over the same history."""
 
     def digest(self) -> str: ...
+
+    def sync_history(self) -> None:
+        """Make the history written so far durable (before a snapshot lets the journal go)."""
+
+    def collect_history(self, upto: int) -> int:
+        """Drop removed history that the snapshot at ``upto`` covers; how many rows went."""
 
 
 # What the parser hands PySyncObj for a refused MEMBERSHIP command: not None (PySyncObj would
@@ -240,6 +248,7 @@ class ReplicatedColony(SyncObj):
         # leader the moment a session comes up. Cleared for good once a leader is known.
         self._joining = joining
         self._refused_commands = 0
+        self._loaded_snapshot_index = 0
         self._ae_sent = (0, 0)  # (log end, commit index) the last append-entries carried
         self._commit_held = 0  # ticks a new commit index has waited for an entry to carry it
         # Whether the proposer has a batch about to go in (then a bare commit index waits).
@@ -393,6 +402,12 @@ class ReplicatedColony(SyncObj):
         return int(self._SyncObj__getCurrentLogIndex())
 
     @property
+    def snapshot_index(self) -> int:
+        """The log index of the last snapshot on disk (0: none yet)."""
+        last = self._SyncObj__lastSerializedEntry
+        return max(self._loaded_snapshot_index, last or 0)
+
+    @property
     def append_entries_held(self) -> bool:
         """A commit index the followers have not heard of waits for the next tick."""
         return self._commit_held > 0
@@ -509,7 +524,14 @@ class ReplicatedColony(SyncObj):
             return SyncObj._SyncObj__doApplyCommand(self, command)
         batch = bytes(command[1:])
         try:
-            results = self._machine.apply_batch(batch)
+            # PySyncObj counts this entry applied once it returns: its index is the next.
+            results = self._machine.apply_batch(batch, self.last_applied + 1)
+        except ArchiveError as e:
+            # The history could not be written: this replica is behind its own log, and must
+            # stop (it replays from its last snapshot when it starts again).
+            self._fatal_error = f"cannot write the archive: {e}"
+            log.critical(self._fatal_error)
+            raise
         except Exception:
             # The machine promises never to raise. If it does anyway, answer every command with
             # 500 rather than let PySyncObj re-apply the entry (a partial apply twice).
@@ -577,6 +599,9 @@ class ReplicatedColony(SyncObj):
             last, prev, cluster = raft_part
             machine = self._machine
             blob = encode_dump(machine.snapshot(), last, prev, [n.id for n in cluster])
+            # The journal is cut at this snapshot: the history it built must be durable first
+            # (a restart reads the archive as it is and replays only what comes after).
+            machine.sync_history()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
@@ -597,12 +622,13 @@ class ReplicatedColony(SyncObj):
         try:
             with open(path, "rb") as f:
                 data = decode_dump(f.read())
-            machine = type(self._machine).restore(data["machine"])
+            machine = self._machine.restored(data["machine"], data["last"][1])
         except Exception as e:
             self._fatal_error = f"cannot load raft dump {path}: {e}"
             log.critical(self._fatal_error, exc_info=True)
             raise
         self._machine = machine
+        self._loaded_snapshot_index = data["last"][1]
         if self.on_snapshot is not None:
             try:
                 self.on_snapshot()

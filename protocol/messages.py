@@ -74,6 +74,7 @@ MAX_BACKOFF_MULTIPLIER = 100
 MAX_IDEMPOTENCY_KEY = 256
 MAX_CONCURRENCY_LIMIT = 100_000
 MAX_RETENTION_S = 10 * 365 * 86_400
+MAX_RETENTION_COUNT = 10**9
 MAX_SUBSCRIBE_TIMEOUT_S = 600
 
 
@@ -115,7 +116,13 @@ def _idempotency_key(v: str) -> str | None:
 def retention_seconds(v: int) -> str | None:
     if 0 <= v <= MAX_RETENTION_S:
         return None
-    return f"must be 0 (keep forever) or at most {MAX_RETENTION_S} seconds"
+    return f"must be 0 (no age limit) or at most {MAX_RETENTION_S} seconds"
+
+
+def retention_count(v: int) -> str | None:
+    if 0 <= v <= MAX_RETENTION_COUNT:
+        return None
+    return f"must be 0 (no count limit) or at most {MAX_RETENTION_COUNT}"
 
 
 BEYOND_SPEC_FIELDS = {
@@ -188,6 +195,12 @@ _ASSIGN = {
         f"must be at most {MAX_ASSIGN_TIMEOUT_S}" if v > MAX_ASSIGN_TIMEOUT_S else None)),
 }
 _STATE_FILTER = F("int", default=-1, check=between(-1, CANCELLED))
+# Paging through finished work, newest first: the end time and id of the last item of the
+# previous page (0 and "": from the newest).
+_BEFORE = {
+    "beforetime": F("int", default=0, check=at_least(0)),
+    "beforeid": F("str", default="", check=hex64_or_empty),
+}
 
 # Logs, functions, pause, executor liveness.
 # A log line is at most MAX_LOG_LINE_BYTES of UTF-8 (longer ones are refused, 400); a process
@@ -362,6 +375,7 @@ MESSAGES: dict[str, MessageType] = {
                 "count": F("int", default=MAX_LIST_COUNT, check=between(1, MAX_LIST_COUNT)),
                 "state": _STATE_FILTER,
                 "executortype": F("str", default="", check=name_or_empty),
+                **_BEFORE,
             },
         ),
         _m("removeprocessmsg", True, _PROCESS_REF),
@@ -377,6 +391,7 @@ MESSAGES: dict[str, MessageType] = {
                 **_COLONY_NAME,
                 "count": F("int", default=MAX_LIST_COUNT, check=between(1, MAX_LIST_COUNT)),
                 "state": _STATE_FILTER,
+                **_BEFORE,
             },
         ),
         _m("removeprocessgraphmsg", True, _GRAPH_REF),
@@ -460,7 +475,14 @@ MESSAGES: dict[str, MessageType] = {
         _m(
             "setretentionmsg",
             True,
-            {**_COLONY_NAME, "seconds": F("int", True, check=retention_seconds)},
+            {
+                **_COLONY_NAME,
+                # Keep finished work this long, and at most this many of each kind (processes,
+                # workflows); both 0: keep everything. `default` goes back to the default.
+                "seconds": F("int", default=0, check=retention_seconds),
+                "count": F("int", default=0, check=retention_count),
+                "default": F("bool", default=False),
+            },
         ),
         _m("getretentionmsg", False, _COLONY_NAME),
         _m(

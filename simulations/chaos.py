@@ -374,7 +374,8 @@ class ChaosRun:
         return self.finish(final, t_begin)
 
     async def collect_digests(self, nursery: trio.Nursery) -> tuple[dict[str, Any], int]:
-        """Every node's (digest, applied), asked of each node itself, until they agree."""
+        """Every node's (digest, applied) of its live state and of its archive, asked of each
+        node itself, until they agree."""
         deadline = time.monotonic() + CONVERGE_TIMEOUT_S
         attempts = 0
         digests: dict[str, Any] = {}
@@ -391,7 +392,7 @@ class ChaosRun:
                 except (ColoniesError, OSError, trio.TooSlowError) as e:
                     digests[m.name] = {"digest": None, "applied": None,
                                        "error": f"{type(e).__name__}: {e}"[:200]}
-            if len({(d["digest"], d["applied"]) for d in digests.values()}) == 1:
+            if len({checker.digest_key(d) for d in digests.values()}) == 1:
                 if next(iter(digests.values()))["digest"] is not None:
                     return digests, attempts
             if time.monotonic() >= deadline:

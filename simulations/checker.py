@@ -107,6 +107,13 @@ def _observations(history: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     return out
 
 
+def digest_key(d: dict[str, Any]) -> tuple[Any, ...]:
+    """What must be equal on converged nodes: the live state's digest and applied index, and
+    the archive's (rows and logs) with the index it reflects."""
+    archive = d.get("archive") or {}
+    return (d.get("digest"), d.get("applied"), archive.get("digest"), archive.get("applied"))
+
+
 def check(history: list[dict[str, Any]], final: dict[str, Any]) -> Violation | None:
     """The first violated rule (in RULES order), or None."""
     processes: dict[str, dict[str, Any]] = final.get("processes", {})
@@ -196,7 +203,7 @@ def check(history: list[dict[str, Any]], final: dict[str, Any]) -> Violation | N
                 )
 
     digests = final.get("digests", {})
-    if len({(d.get("digest"), d.get("applied")) for d in digests.values()}) > 1:
+    if len({digest_key(d) for d in digests.values()}) > 1:
         return Violation(
             "converged",
             "the nodes' state digests differ",

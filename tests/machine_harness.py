@@ -12,8 +12,9 @@ from typing import Any
 
 import msgpack
 
+from consensus.archive import Archive
 from consensus.machine import ColonyMachine
-from protocol.messages import APPROVED, PENDING, REJECTED
+from protocol.messages import APPROVED, PENDING, REJECTED, RUNNING, WAITING
 
 T0 = 1_700_000_000 * 10**9  # a fixed start time (unix ns)
 S = 10**9
@@ -29,12 +30,24 @@ CLUSTER = make_id("cluster")
 
 
 class Harness:
-    def __init__(self, now: int = T0, bootstrap: bool = True) -> None:
-        self.m = ColonyMachine()
+    def __init__(
+        self, now: int = T0, bootstrap: bool = True, archive: Archive | None = None
+    ) -> None:
+        self.m = ColonyMachine(archive)
         self.now = now
         self._n = itertools.count(1)
         if bootstrap:
             self.m.apply({"op": "bootstrap", "serverid": SERVER, "clusterid": CLUSTER}, now)
+
+    def next_deadline(self) -> int | None:
+        """The machine's next deadline or timer, retention sweeps left out: what a test of
+        another feature means by "nothing is due" (every colony with archived work has a
+        retention sweep due days later, consensus/retention.py)."""
+        st = self.m._st
+        due = [at for at, _key, kind in st.timers.entries() if kind != "retention"]
+        if st.deadlines.next() is not None:
+            due.append(st.deadlines.next())
+        return min(due) if due else None
 
     # Building and applying commands.
 
@@ -153,3 +166,17 @@ class Harness:
 
     def stats(self) -> dict[str, int]:
         return self.read("getstatisticsmsg", SERVER)
+
+
+def assert_listing(listed: list[dict], want: list[str], idkey: str) -> None:
+    """A listing of one state: waiting and running work in submission order (`want`'s
+    order); finished work newest end first, so the same items ordered by (endtime, id)
+    descending."""
+    got = [x[idkey] for x in listed]
+    assert len(got) == min(len(want), 100)
+    if listed and listed[0]["state"] in (WAITING, RUNNING):
+        assert got == want[:100]
+        return
+    assert set(got) <= set(want)
+    keys = [(x["endtime"], x[idkey]) for x in listed]
+    assert keys == sorted(keys, reverse=True)

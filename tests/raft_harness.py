@@ -24,9 +24,11 @@ class FakeMachine:
 
     def __init__(self) -> None:
         self.applied: list[list[Any]] = []
+        self.batch_sizes: list[int] = []  # not replicated: one per apply_batch on this object
 
-    def apply_batch(self, batch: bytes) -> list[list[Any]]:
+    def apply_batch(self, batch: bytes, index: int | None = None) -> list[list[Any]]:
         data = msgpack.unpackb(batch, raw=False)
+        self.batch_sizes.append(len(data["cmds"]))
         out: list[list[Any]] = []
         for cmd in data["cmds"]:
             self.applied.append([data["now"], cmd])
@@ -41,6 +43,15 @@ class FakeMachine:
         machine = cls()
         machine.applied = data["applied"]
         return machine
+
+    def restored(self, data: dict[str, Any], index: int) -> FakeMachine:
+        return self.restore(data)
+
+    def sync_history(self) -> None:
+        pass
+
+    def collect_history(self, upto: int) -> int:
+        return 0
 
     def digest(self) -> str:
         return hashlib.sha256(msgpack.packb(self.applied, use_bin_type=True)).hexdigest()

@@ -176,7 +176,7 @@ def test_fifty_thousand_waiting_processes_assign_in_order():
     pool index and the executor's targeted index, and other types and names are left."""
     n = 50_000
     st = ColonyState()
-    st.add_colony(Colony(colonyid=make_id("co"), name="dev"))
+    st.add_colony(Colony(colonyid=make_id("co"), name="dev"), gen=1)
     ex = Executor(make_id("w"), "cli", "w", "dev", APPROVED, commissiontime=T0)
     st.add_executor(ex)
     rng = random.Random(5)

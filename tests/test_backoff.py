@@ -137,7 +137,7 @@ def test_cancelled_while_backing_off_stays_cancelled(h: Harness, dev) -> None:
     result = h.advance(10)
     assert result.get("timers") is None  # the timer fired and found nothing to do
     assert h.process(w, p["processid"])["state"] == CANCELLED
-    assert assign_or_none(h, w) is None and h.m.next_deadline() is None
+    assert assign_or_none(h, w) is None and h.next_deadline() is None
 
 
 def test_removed_while_backing_off(h: Harness, dev) -> None:

@@ -75,7 +75,10 @@ def run_now(h: Harness, caller: str, c: dict) -> dict:
 
 
 def runs(h: Harness, caller: str) -> list[dict]:
-    return h.read("getprocessgraphsmsg", caller, {"colonyname": "dev"})
+    """Every run, oldest first (a listing shows unfinished runs, then finished ones newest
+    first)."""
+    graphs = h.read("getprocessgraphsmsg", caller, {"colonyname": "dev"})
+    return sorted(graphs, key=lambda g: g["submissiontime"])
 
 
 def finish(h: Harness, caller: str, ok: bool = True, out: list | None = None) -> dict:
@@ -164,7 +167,7 @@ def test_bad_expressions_are_refused_at_add(h: Harness, dev, expr, match):
     with pytest.raises(BadRequest, match=match) as e:
         add(h, dev["w1"], expr=expr)
     assert "invalid cron expression" in e.value.message
-    assert h.m.snapshot()["crons"] == [] and h.m.next_deadline() is None
+    assert h.m.snapshot()["crons"] == [] and h.next_deadline() is None
 
 
 def test_names_with_r_in_them_are_fine(h: Harness, dev):
@@ -322,7 +325,7 @@ def test_remove_cron_clears_its_timer(h: Harness, dev):
     c = add(h, dev["w1"], interval=1)
     h.advance(1)
     assert h.write("removecronmsg", dev["w2"], {"cronid": c["cronid"]}) == {}
-    assert h.m.next_deadline() is None and h.m.snapshot()["timers"] == []
+    assert h.next_deadline() is None and h.m.snapshot()["timers"] == []
     h.advance(5)
     assert len(runs(h, dev["w1"])) == 1  # its past run stays
     with pytest.raises(NotFound):

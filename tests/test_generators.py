@@ -71,7 +71,10 @@ def get(h: Harness, caller: str, g: dict) -> dict:
 
 
 def runs(h: Harness, caller: str) -> list[dict]:
-    return h.read("getprocessgraphsmsg", caller, {"colonyname": "dev"})
+    """Every run, oldest first (a listing shows unfinished runs, then finished ones newest
+    first)."""
+    graphs = h.read("getprocessgraphsmsg", caller, {"colonyname": "dev"})
+    return sorted(graphs, key=lambda g: g["submissiontime"])
 
 
 def root_args(h: Harness, caller: str) -> list[list]:
@@ -95,7 +98,7 @@ def test_add_generator(h: Harness, dev):
     assert g["workflowspec"]["colonyname"] == "dev"
     assert [s["conditions"]["colonyname"] for s in specs] == ["dev", "dev"]
     assert get(h, dev["w2"], g) == g
-    assert h.m.next_deadline() is None  # nothing waits, so no timer
+    assert h.next_deadline() is None  # nothing waits, so no timer
 
 
 @pytest.mark.parametrize(
@@ -179,7 +182,7 @@ def test_trigger_one_runs_every_pack(h: Harness, dev):
     for i in range(3):
         assert pack(h, dev["w1"], g, i)["queuesize"] == 0
     assert root_args(h, dev["w1"]) == [[0], [1], [2]]
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
 
 
 # The timeout.
@@ -201,7 +204,7 @@ def test_timeout_flushes_a_partial_batch(h: Harness, dev):
     assert root_args(h, dev["w1"]) == [["a", "b"]]
     after = get(h, dev["w1"], g)
     assert (after["queuesize"], after["firstpack"], after["lastrun"]) == (0, 0, h.now)
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
     assert h.advance(60).get("timers") is None  # an empty queue never runs
     # The next batch's timeout starts at its own first argument.
     pack(h, dev["w1"], g, "c")
@@ -215,7 +218,7 @@ def test_a_full_batch_cancels_the_timeout(h: Harness, dev):
     pack(h, dev["w1"], g, "a")
     h.advance(1)
     pack(h, dev["w1"], g, "b")
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
     h.advance(3)
     pack(h, dev["w1"], g, "c")  # a new batch: its own timeout, from now
     assert h.m.next_deadline() == h.now + 5 * S
@@ -229,7 +232,7 @@ def test_without_a_timeout_a_partial_batch_waits(h: Harness, dev, timeout):
     g = add(h, dev["w1"], trigger=3, timeout=timeout)
     assert g["timeout"] == 0
     pack(h, dev["w1"], g, "a")
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
     h.advance(3600)
     assert runs(h, dev["w1"]) == [] and get(h, dev["w1"], g)["queuesize"] == 1
 
@@ -305,7 +308,7 @@ def test_remove_generator_drops_its_queue_and_timer(h: Harness, dev):
     g = add(h, dev["w1"], trigger=3, timeout=10)
     pack(h, dev["w1"], g, "a")
     assert h.write("removegeneratormsg", dev["w2"], {"generatorid": g["generatorid"]}) == {}
-    assert h.m.next_deadline() is None and h.m.snapshot()["timers"] == []
+    assert h.next_deadline() is None and h.m.snapshot()["timers"] == []
     with pytest.raises(NotFound):
         get(h, dev["w1"], g)
     with pytest.raises(NotFound):

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from machine_harness import Harness, S
+from machine_harness import Harness, S, assert_listing
 
 from consensus.lifecycle import TRANSITIONS, Event, next_state, table_markdown
 from protocol.errors import AccessDenied, BadRequest, NotFound
@@ -270,7 +270,7 @@ class ProcessLifecycle(RuleBasedStateMachine):
             want = [pid for pid in self.order if self.model[pid]["state"] == state]
             assert stats[key] == len(want)
             listed = self.h.read("getprocessesmsg", reader, {"colonyname": "dev", "state": state})
-            assert [p["processid"] for p in listed] == want[:100]
+            assert_listing(listed, want, "processid")
         assert sum(stats[k] for k in keys.values()) == len(self.model)
 
     @invariant()
@@ -292,7 +292,7 @@ class ProcessLifecycle(RuleBasedStateMachine):
             for r in self.model.values()
             if r["state"] == RUNNING and r["execdeadline"] > 0
         ]
-        assert self.h.m.next_deadline() == (min(pending) if pending else None)
+        assert self.h.next_deadline() == (min(pending) if pending else None)
 
     # Helpers.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 
@@ -220,7 +221,7 @@ def test_remove_colony_cascades(h: Harness, dev):
         "failedprocesses": 0,
         **NOTHING_ELSE,
     }
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
     assert not h.m.assignable("dev", dev["w1"]) and not h.m.assignable("dev", w2)
     with pytest.raises(NotFound):
         h.process(dev["o1"], running["processid"])
@@ -386,7 +387,7 @@ def test_submit_builds_the_process(h: Harness, dev):
 def test_submit_zero_wait_time_means_no_limit(h: Harness, dev):
     p = h.submit(dev["w1"], "dev", maxwaittime=0)
     assert p["spec"]["maxwaittime"] == -1 and p["waitdeadline"] == 0
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
 
 
 def test_submit_uses_the_generated_id(h: Harness, dev):
@@ -474,7 +475,7 @@ def test_close_successful(h: Harness, dev):
     assert h.close(dev["w1"], p, out=["done", 1]) == {}
     got = h.process(dev["w1"], p["processid"])
     assert got["state"] == SUCCESS and got["out"] == ["done", 1] and got["endtime"] == h.now
-    assert h.m.next_deadline() is None and h.m.applied_changes > before
+    assert h.next_deadline() is None and h.m.applied_changes > before
     # Closing twice is refused: the attempt is no longer running.
     with pytest.raises(BadRequest, match="attempt 1 is not the current attempt"):
         h.close(dev["w1"], p)
@@ -714,7 +715,7 @@ def test_exec_timeout_requeues_then_fails(h: Harness, dev):
     assert h.advance(5) == {"requeued": [], "failed": [p1["processid"]]}
     got = h.process(dev["w1"], p1["processid"])
     assert got["state"] == FAILED and got["errors"] == ["Maximum execution time limit exceeded"]
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
 
 
 def test_exec_timeout_unlimited_retries(h: Harness, dev):
@@ -741,7 +742,7 @@ def test_wait_timeout_fails(h: Harness, dev):
     assert got["state"] == FAILED and got["errors"] == ["Maximum waiting time limit exceeded"]
     # An assigned process no longer has a wait deadline.
     assert h.assign(dev["w1"], "dev")["processid"] == q["processid"]
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
     assert h.advance(100) == {"requeued": [], "failed": []}
 
 
@@ -1023,9 +1024,10 @@ def test_two_replicas_converge():
         if i % 25 == 0:
             assert a.digest() == b.digest()
     assert a.digest() == b.digest()
-    stats = a.snapshot()
-    assert len(stats["processes"]) > 50  # the workload did something
-    assert {p["state"] for p in stats["processes"]} >= {WAITING, SUCCESS, FAILED}
+    assert a.archive.digest() == b.archive.digest()  # the same history archived
+    stats = a.statistics()
+    assert sum(v for k, v in stats.items() if k.endswith("processes")) > 50  # it did something
+    assert stats["waitingprocesses"] and stats["successfulprocesses"] and stats["failedprocesses"]
 
 
 def test_snapshot_restore_round_trip():
@@ -1036,7 +1038,8 @@ def test_snapshot_restore_round_trip():
     for batch in batches[:half]:
         a.apply_batch(batch)
     data = msgpack.unpackb(msgpack.packb(a.snapshot()), raw=False)
-    b = ColonyMachine.restore(data)
+    # The snapshot holds the live state; the archive comes with it (a copy here).
+    b = ColonyMachine.restore(data, copy.deepcopy(a.archive))
     assert b.digest() == a.digest()
     assert b.snapshot() == a.snapshot()
     assert (b.server_id, b.cluster_id, b.applied_changes) == (SERVER, CLUSTER, a.applied_changes)
@@ -1044,8 +1047,8 @@ def test_snapshot_restore_round_trip():
     for batch in batches[half:]:
         assert a.apply_batch(batch) == b.apply_batch(batch)
         assert a.next_deadline() == b.next_deadline()
-    assert a.digest() == b.digest()
-    assert ColonyMachine.restore(b.snapshot()).digest() == b.digest()
+    assert a.digest() == b.digest() and a.archive.digest() == b.archive.digest()
+    assert ColonyMachine.restore(b.snapshot(), b.archive).digest() == b.digest()
 
 
 def test_empty_machine_snapshot():

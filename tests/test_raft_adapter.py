@@ -32,9 +32,9 @@ class FakeMachine:
     def __init__(self) -> None:
         self.applied: list[list[Any]] = []
         self.batches = 0  # not replicated: counts apply_batch calls on this object
-        self.restored = False
+        self.was_restored = False
 
-    def apply_batch(self, batch: bytes) -> list[list[Any]]:
+    def apply_batch(self, batch: bytes, index: int | None = None) -> list[list[Any]]:
         self.batches += 1
         data = msgpack.unpackb(batch, raw=False)
         out: list[list[Any]] = []
@@ -52,8 +52,17 @@ class FakeMachine:
     def restore(cls, data: dict[str, Any]) -> FakeMachine:
         machine = cls()
         machine.applied = data["applied"]
-        machine.restored = True
+        machine.was_restored = True
         return machine
+
+    def restored(self, data: dict[str, Any], index: int) -> FakeMachine:
+        return self.restore(data)
+
+    def sync_history(self) -> None:
+        pass
+
+    def collect_history(self, upto: int) -> int:
+        return 0
 
     def digest(self) -> str:
         return hashlib.sha256(msgpack.packb(self.applied, use_bin_type=True)).hexdigest()
@@ -148,7 +157,7 @@ def test_restart_replays_every_acknowledged_write_from_the_journal(tmp_path, ope
 
     reopened = open_colony()
     machine = machine_of(reopened)
-    assert not machine.restored  # no dump yet: everything came from the journal
+    assert not machine.was_restored  # no dump yet: everything came from the journal
     assert machine.batches == 20
     assert machine.digest() == digest
     assert reopened.last_applied > applied_index  # + the new term's no-op
@@ -182,7 +191,7 @@ def test_compaction_writes_a_msgpack_dump_and_restart_restores_from_it(tmp_path,
 
     reopened = open_colony()
     machine = machine_of(reopened)
-    assert machine.restored
+    assert machine.was_restored
     assert machine.digest() == digest
     assert [cmd["n"] for _, cmd in machine.applied] == list(range(15))
     assert machine.batches == 5  # only what came after the snapshot was re-applied

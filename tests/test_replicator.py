@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import statistics
 from collections.abc import AsyncIterator
@@ -18,38 +17,10 @@ from pysyncobj import FAIL_REASON
 from node.raft_replica import NullTransport, ReplicatedColony
 from node.replicator import MAX_COMMAND_BYTES, Replicator, failure_error, pack_batch
 from protocol.errors import BadRequest, InternalError, RequestTimeout, Unavailable
+from tests.raft_harness import FakeMachine
 
 SELF = "16Uiu2HAmSelfNodeForTests"
 log = logging.getLogger(__name__)
-
-
-class FakeMachine:
-    """The ColonyMachine interface, reduced to an append-only list of (now, cmd)."""
-
-    def __init__(self) -> None:
-        self.applied: list[list[Any]] = []
-        self.batch_sizes: list[int] = []  # not replicated: one per apply_batch on this object
-
-    def apply_batch(self, batch: bytes) -> list[list[Any]]:
-        data = msgpack.unpackb(batch, raw=False)
-        self.batch_sizes.append(len(data["cmds"]))
-        out: list[list[Any]] = []
-        for cmd in data["cmds"]:
-            self.applied.append([data["now"], cmd])
-            out.append([200, {"n": cmd.get("n"), "seq": len(self.applied)}])
-        return out
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"applied": self.applied}
-
-    @classmethod
-    def restore(cls, data: dict[str, Any]) -> FakeMachine:
-        machine = cls()
-        machine.applied = data["applied"]
-        return machine
-
-    def digest(self) -> str:
-        return hashlib.sha256(msgpack.packb(self.applied, use_bin_type=True)).hexdigest()
 
 
 def machine_of(replicator: Replicator) -> FakeMachine:

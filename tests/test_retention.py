@@ -1,11 +1,12 @@
-"""Retention: the per-colony setting, the sweep driven by the timers (what it removes, when,
-and its bounded work per tick), export pages, snapshots, and bad input."""
+"""Retention: the default and the per-colony setting (age, count), the sweep driven by the
+timers (what it removes, when, and its bounded work per tick), export pages, snapshots, and
+bad input."""
 
 from __future__ import annotations
 
 import msgpack
 import pytest
-from machine_harness import Harness, S
+from machine_harness import Harness
 
 from consensus import retention
 from consensus.machine import ColonyMachine
@@ -21,8 +22,11 @@ def dev(h: Harness) -> dict[str, str]:
     return ids
 
 
-def set_retention(h: Harness, owner: str, seconds: int, colony: str = "dev") -> dict:
-    return h.write("setretentionmsg", owner, {"colonyname": colony, "seconds": seconds})
+def set_retention(
+    h: Harness, owner: str, seconds: int, colony: str = "dev", count: int = 0
+) -> dict:
+    body = {"colonyname": colony, "seconds": seconds, "count": count}
+    return h.write("setretentionmsg", owner, body)
 
 
 def finish(h: Harness, w: str, colony: str = "dev", ok: bool = True) -> dict:
@@ -32,11 +36,42 @@ def finish(h: Harness, w: str, colony: str = "dev", ok: bool = True) -> dict:
     return p
 
 
-def test_off_by_default_nothing_is_removed(h: Harness, dev) -> None:
+def test_by_default_finished_work_is_kept_thirty_days(h: Harness, dev) -> None:
+    got = h.read("getretentionmsg", dev["co"], {"colonyname": "dev"})
+    assert got == {"colonyname": "dev", "seconds": 30 * 86_400, "count": 0, "default": True}
+    p = finish(h, dev["w1"])
+    h.advance(29 * 86_400)
+    assert h.process(dev["w1"], p["processid"])["state"] == SUCCESS
+    h.advance(2 * 86_400)
+    with pytest.raises(NotFound):
+        h.process(dev["w1"], p["processid"])
+    assert h.stats()["successfulprocesses"] == 0
+
+
+def test_keep_everything_and_back_to_the_default(h: Harness, dev) -> None:
+    got = set_retention(h, dev["co"], 0)
+    assert (got["seconds"], got["count"], got["default"]) == (0, 0, False)
     finish(h, dev["w1"])
+    assert h.m.next_deadline() is None  # nothing will ever be due: no sweep
     h.advance(365 * 86_400)
     assert h.stats()["successfulprocesses"] == 1
-    assert h.read("getretentionmsg", dev["co"], {"colonyname": "dev"})["seconds"] == 0
+    got = h.write("setretentionmsg", dev["co"], {"colonyname": "dev", "default": True})
+    assert got["default"] and got["seconds"] == 30 * 86_400
+    h.advance(60)  # a year old: due at once
+    assert h.stats()["successfulprocesses"] == 0
+
+
+def test_a_count_keeps_the_newest(h: Harness, dev) -> None:
+    w = dev["w1"]
+    set_retention(h, dev["co"], 0, count=3)
+    done = []
+    for _ in range(5):
+        done.append(finish(h, w))
+        h.advance(1)
+    h.tick()
+    kept = h.read("getprocessesmsg", w, {"colonyname": "dev", "state": SUCCESS})
+    assert [p["processid"] for p in kept] == [p["processid"] for p in reversed(done[2:])]
+    assert h.stats()["successfulprocesses"] == 3
 
 
 def test_finished_processes_go_after_the_retention(h: Harness, dev) -> None:
@@ -135,7 +170,7 @@ def test_the_sweep_does_bounded_work_per_tick(
     assert len(h.tick()["timers"]["retention"]) == 5
     assert len(h.tick()["timers"]["retention"]) == 2
     assert h.stats()["successfulprocesses"] == 0
-    assert h.m.next_deadline() == h.now + 10 * S  # back to its period, min(10 s, 60 s)
+    assert h.m.next_deadline() is None  # nothing archived: no sweep until something is
 
 
 def test_turning_it_off_stops_the_sweep(h: Harness, dev) -> None:
@@ -177,8 +212,8 @@ def test_snapshot_keeps_the_setting_and_the_sweep(h: Harness, dev) -> None:
     set_retention(h, dev["co"], 120)
     finish(h, dev["w1"])
     data = msgpack.unpackb(msgpack.packb(h.m.snapshot()), raw=False)
-    assert data["retention"] == [["dev", 120]]
-    restored = ColonyMachine.restore(data)
+    assert data["retention"] == [["dev", 120, 0]]
+    restored = ColonyMachine.restore(data, h.m.archive)  # the archive persists beside it
     assert restored.digest() == h.m.digest()
     h.m = restored
     h.advance(200)

@@ -32,6 +32,11 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float) -> None
             await trio.sleep(0.05)
 
 
+def oldest_first(graphs: list[dict]) -> list[dict]:
+    """Finished graphs list newest first."""
+    return sorted(graphs, key=lambda g: g["submissiontime"])
+
+
 async def test_interval_cron_runs_chain_their_output(colony: Colony) -> None:
     t = colony.executortype
     ex = Executor(colony.addr, colony.executor, colonyname="dev", executortype=t, poll_timeout=1)
@@ -57,7 +62,7 @@ async def test_interval_cron_runs_chain_their_output(colony: Colony) -> None:
             ex.stop()
         elapsed = trio.current_time() - started
         await c.remove_cron(cron["cronid"])
-        graphs = await c.process_graphs("dev", state=SUCCESS)
+        graphs = oldest_first(await c.process_graphs("dev", state=SUCCESS))
         outs = [(await c.process(g["rootprocessids"][0]))["out"] for g in graphs[:3]]
         assert outs == [[1], [2], [3]]  # each run's input was the previous run's output
         assert await c.crons("dev") == []
@@ -94,7 +99,7 @@ async def test_generator_runs_full_batches_at_once_and_flushes_on_timeout(
             await wait_for(two_done, 10)
             ex.stop()
         flushed = trio.current_time() - packed
-        graphs = await c.process_graphs("dev", state=SUCCESS)
+        graphs = oldest_first(await c.process_graphs("dev", state=SUCCESS))
         roots = [await c.process(x["rootprocessids"][0]) for x in graphs]
         assert [(p["spec"]["args"], p["out"]) for p in roots] == [([1, 2], [3]), ([40], [40])]
         assert (await c.generator(gid))["queuesize"] == 0

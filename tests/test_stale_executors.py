@@ -59,7 +59,7 @@ def test_every_executor_write_marks_it_heard_from(h: Harness, dev):
 def test_staleness_is_off_by_default(h: Harness, dev):
     h.submit(dev["w1"], "dev")
     h.assign(dev["w1"], "dev")
-    assert h.m.next_deadline() is None  # no timer when off
+    assert h.next_deadline() is None  # no timer when off
     h.advance(10_000)
     assert executor(h, dev["w1"], "w1")["stale"] is False
     assert h.read("getprocessesmsg", dev["w1"], {"colonyname": "dev"})[0]["state"] == RUNNING
@@ -121,7 +121,7 @@ def test_the_setting_counts_from_when_it_is_turned_on(h: Harness, dev):
     # Never-heard executors have no timer; turning it off clears the rest and the marks.
     assert h.m._st.timers.get(stale_key(dev["w2"])) is None
     set_after(h, dev["co"], 0)
-    assert executor(h, dev["w1"], "w1")["stale"] is False and h.m.next_deadline() is None
+    assert executor(h, dev["w1"], "w1")["stale"] is False and h.next_deadline() is None
     assert h.read("getpausestatusmsg", dev["w1"], {"colonyname": "dev"})["staleafter"] == 0
 
 
@@ -144,7 +144,7 @@ def test_removing_a_stale_candidate_clears_its_timer(h: Harness, dev):
     set_after(h, dev["co"], 60)
     heartbeat(h, dev["w1"])
     h.write("removeexecutormsg", dev["co"], {"colonyname": "dev", "executorname": "w1"})
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
 
 
 def test_liveness_survives_snapshots(h: Harness, dev):

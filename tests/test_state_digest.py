@@ -44,8 +44,10 @@ def test_a_change_changes_the_digest() -> None:
 async def test_a_real_node_answers_with_its_digest_and_applied_index(colony: Colony) -> None:
     async with Client.connect(colony.addr, colony.server) as admin:
         first = await admin.state_digest()
-        assert set(first) == {"digest", "applied"}
+        assert set(first) == {"digest", "applied", "archive"}
         assert len(first["digest"]) == 64 and first["applied"] > 0
+        archive = colony.node.replicator.machine.archive
+        assert first["archive"] == {"digest": archive.digest(), "applied": archive.applied_index}
         assert first["digest"] == colony.node.replicator.machine.digest()
         again = await admin.state_digest()
         assert again == first  # nothing applied in between: the same answer
@@ -54,6 +56,15 @@ async def test_a_real_node_answers_with_its_digest_and_applied_index(colony: Col
         )
         after = await admin.state_digest()
         assert after["applied"] > first["applied"] and after["digest"] != first["digest"]
+        assert after["archive"] == first["archive"]  # nothing finished: no history written
+        p = await admin.with_key(colony.executor).submit(
+            "echo", colonyname=colony.name, executortype=colony.executortype
+        )
+        run = await admin.with_key(colony.executor).assign(colony.name, timeout=-1)
+        await admin.with_key(colony.executor).close(run, [1])
+        done = await admin.state_digest()
+        assert done["archive"]["digest"] != first["archive"]["digest"]
+        assert done["archive"]["applied"] > first["archive"]["applied"] and p
     async with Client.connect(colony.addr, colony.executor) as member:
         with pytest.raises(Forbidden):
             await member.state_digest()

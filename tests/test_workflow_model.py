@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from machine_harness import Harness, S, make_id
+from machine_harness import Harness, S, assert_listing, make_id
 
 from consensus.graphs import member_id
 from protocol.errors import AccessDenied, BadRequest, NotFound
@@ -398,11 +398,11 @@ class Workflows(RuleBasedStateMachine):
             assert stats[f"{label}processes"] == len(want)
             body = {"colonyname": "dev", "state": state}
             listed = self.h.read("getprocessesmsg", reader, body)
-            assert [p["processid"] for p in listed] == want[:100]
+            assert_listing(listed, want, "processid")
             gwant = [g for g in self.graph_order if self._graph_state(g) == state]
             assert stats[f"{label}workflows"] == len(gwant)
             glisted = self.h.read("getprocessgraphsmsg", reader, body)
-            assert [g["processgraphid"] for g in glisted] == gwant[:100]
+            assert_listing(glisted, gwant, "processgraphid")
         assert sum(stats[f"{label}processes"] for label in STAT_KEYS.values()) == len(self.procs)
 
     @invariant()
@@ -413,7 +413,7 @@ class Workflows(RuleBasedStateMachine):
                    if self._ready(r) and r["waitdeadline"] > 0]
         pending += [r["execdeadline"] for r in self.procs.values()
                     if r["state"] == RUNNING and r["execdeadline"] > 0]
-        assert self.h.m.next_deadline() == (min(pending) if pending else None)
+        assert self.h.next_deadline() == (min(pending) if pending else None)
 
 
 Workflows.TestCase.settings = settings(

@@ -13,7 +13,7 @@ from machine_harness import SERVER, Harness, S, make_id
 from consensus import workflows
 from consensus.graphs import find_cycle, member_id
 from consensus.machine import ColonyMachine
-from consensus.state import SNAPSHOT_FORMAT
+from consensus.snapshot import SNAPSHOT_FORMAT
 from protocol.errors import AccessDenied, BadRequest, NotFound
 from protocol.messages import (
     CANCELLED,
@@ -293,7 +293,7 @@ def test_a_failure_fails_the_graph_and_unfinished_members_only(h: Harness, dev):
     # c's executor learns why its close is refused.
     with pytest.raises(BadRequest, match=f"the process failed: workflow {gid} failed"):
         h.close(dev["w2"], c)
-    assert h.m.assignable("dev", dev["w1"]) == 0 and h.m.next_deadline() is None
+    assert h.m.assignable("dev", dev["w1"]) == 0 and h.next_deadline() is None
     stats = h.stats()
     assert (stats["failedprocesses"], stats["successfulprocesses"]) == (4, 1)
     assert stats["failedworkflows"] == 1 and stats["runningworkflows"] == 0
@@ -334,7 +334,7 @@ def test_wait_timeout_fails_the_graph_and_same_tick_expiries_are_skipped(h: Harn
     # Both are due in one tick; the first fails the graph and the second with it.
     assert h.advance(3) == {"requeued": [], "failed": [first]}
     assert states(h, dev["w1"], g["processgraphid"]) == {"a": FAILED, "b": FAILED}
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
 
 
 def test_a_childs_wait_deadline_starts_when_it_is_ready(h: Harness, dev):
@@ -416,7 +416,7 @@ def test_cancel_process(h: Harness, dev):
             h.write("cancelprocessmsg", caller, {"processid": waiting["processid"]})
     h.write("cancelprocessmsg", dev["w2"], {"processid": waiting["processid"]})
     h.write("cancelprocessmsg", dev["w2"], {"processid": running["processid"]})
-    assert h.m.next_deadline() is None and h.m.assignable("dev", dev["w1"]) == 0
+    assert h.next_deadline() is None and h.m.assignable("dev", dev["w1"]) == 0
     got = h.process(dev["w1"], running["processid"])
     assert got["state"] == CANCELLED and got["endtime"] == h.now
     assert got["isassigned"] is True  # so its executor hears why the close is refused
@@ -503,7 +503,7 @@ def test_remove_graph(h: Harness, dev):
 def test_remove_waiting_graph(h: Harness, dev):
     g = submit(h, dev["w1"], [node("a", maxwaittime=9), node("b", "a")])
     h.write("removeprocessgraphmsg", dev["w1"], {"processgraphid": g["processgraphid"]})
-    assert h.m.next_deadline() is None and h.m.assignable("dev", dev["w1"]) == 0
+    assert h.next_deadline() is None and h.m.assignable("dev", dev["w1"]) == 0
 
 
 def test_workflow_members_are_removed_with_their_graph_only(h: Harness, dev):
@@ -550,7 +550,7 @@ def test_remove_colony_removes_its_graphs(h: Harness, dev):
     kept_ids = [x["processgraphid"] for x in h.m.snapshot()["processgraphs"]]
     assert kept_ids == [kept["processgraphid"]]
     assert g["processgraphid"] not in h.m._st.graphs
-    assert h.m.next_deadline() is None
+    assert h.next_deadline() is None
     stats = h.stats()
     assert stats["waitingworkflows"] == 1 and stats["runningworkflows"] == 0
 
@@ -642,7 +642,7 @@ def test_add_child_with_an_existing_child(h: Harness, dev):
     n = add_child(h, dev["w1"], gid, pa, "n", child=plater)
     later = h.process(dev["w1"], plater)
     assert later["parents"] == [n["processid"]] and later["waitforparents"] is True
-    assert later["waitdeadline"] == 0 and h.m.next_deadline() is None
+    assert later["waitdeadline"] == 0 and h.next_deadline() is None
     assert n["children"] == [plater]
     assert graph(h, dev["w1"], gid)["rootprocessids"] == [pa]
     assert h.m.assignable("dev", dev["w2"]) == 0
