@@ -24,6 +24,7 @@ from cli.logs import LOG_FORMATS, setup_logging
 from node.daemon import ColonyNode, NodeConfig
 from node.libp2p_patches import ConnectionLimits
 from node.raft_journal import SyncPolicy
+from node.raft_replica import DEFAULT_COMPACT_AFTER
 from protocol.errors import ColoniesError
 
 
@@ -72,6 +73,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="when the Raft journal reaches the disk: 'always' (default: before this node "
         "acknowledges an entry), or an interval such as 50ms (faster on slow disks; a power "
         "loss of every member at once can lose writes acknowledged in the last interval)",
+    )
+    p.add_argument(
+        "--compact-after",
+        type=_positive_int,
+        default=DEFAULT_COMPACT_AFTER,
+        metavar="N",
+        help="snapshot the live state and cut the journal after N entries, or 5 minutes "
+        f"(default {DEFAULT_COMPACT_AFTER})",
     )
     p.add_argument("--log-level", default=os.environ.get("COLONIES_LOG_LEVEL", "info"))
     p.add_argument(
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         fault_file=args.fault_file,
         max_client_connections=client_connection_limit(args.max_client_connections),
         journal_sync=args.journal_sync,
+        compact_after=args.compact_after,
     )
 
     async def run() -> None:

@@ -3,12 +3,13 @@
     colonies process wait ID --state successful --timeout 60
     colonies process follow --type echo               (Ctrl-C to stop; -o json: JSON lines)
     colonies process export --since 2026-11-01T00:00:00Z > history.jsonl
-    colonies colony retention                         (show)
-    colonies colony retention --seconds 604800        (colony owner key; 0: keep forever)
+    colonies colony retention                         (show; the default keeps 30 days)
+    colonies colony retention --seconds 604800        (colony owner key)
+    colonies colony retention --count 100000 | --keep-everything | --default
 
 `wait` and `follow` are pushed by the node when it applies a change (long-polls woken by
-applies, answered by any node). With retention set, finished processes and workflows are
-removed that long after they ended: export what you want to keep before the window ends.
+applies, answered by any node). Finished processes and workflows are kept in the archive on
+disk for the colony's retention: export what you want to keep before the window ends.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import trio
 
 from cli import json_text, render
 from cli.errors import UsageError
-from protocol.messages import MAX_RETENTION_S, STATE_NAMES
+from protocol.messages import MAX_RETENTION_COUNT, MAX_RETENTION_S, STATE_NAMES
 
 if TYPE_CHECKING:
     from cli.main import Context
@@ -118,18 +119,36 @@ async def cmd_export(ctx: Context) -> int:
 
 async def cmd_retention(ctx: Context) -> int:
     colony = ctx.cfg.colony_name()
-    seconds = ctx.args.seconds
-    if seconds is None:
+    a = ctx.args
+    setting = a.seconds is not None or a.count is not None or a.keep_everything or a.default
+    if a.keep_everything and (a.seconds or a.count or a.default):
+        raise UsageError("--keep-everything goes alone (it is --seconds 0 --count 0)")
+    if a.default and (a.seconds is not None or a.count is not None):
+        raise UsageError("--default goes alone")
+    if not setting:
         key = ctx.cfg.key("prvkey") if ctx.cfg.has("prvkey") else ctx.cfg.key("colony_prvkey")
         async with ctx.client(key) as c:
-            seconds = await c.retention(colony)
+            policy = await c.retention(colony)
     else:
         async with ctx.client(ctx.cfg.key("colony_prvkey")) as c:
-            await c.set_retention(colony, seconds)
-    what = (f"finished processes and workflows are removed {seconds} s after they end"
-            if seconds else "finished processes and workflows are kept (retention off)")
-    ctx.say(f"colony {colony}: {what}", {"colonyname": colony, "seconds": seconds})
+            policy = await c.set_retention(
+                colony, a.seconds or 0, a.count or 0, default=bool(a.default)
+            )
+    ctx.say(f"colony {colony}: {describe_retention(policy)}", policy)
     return 0
+
+
+def describe_retention(policy: dict) -> str:
+    seconds, count = policy["seconds"], policy["count"]
+    if not seconds and not count:
+        return "finished processes and workflows are kept (no retention)"
+    parts = []
+    if seconds:
+        parts.append(f"{seconds} s after they end")
+    if count:
+        parts.append(f"beyond the newest {count} of each kind")
+    where = " (the default)" if policy.get("default") else ""
+    return "finished processes and workflows are removed " + " and ".join(parts) + where
 
 
 def retention_seconds(text: str) -> int:
@@ -138,7 +157,17 @@ def retention_seconds(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
     if not 0 <= v <= MAX_RETENTION_S:
-        raise argparse.ArgumentTypeError(f"must be between 0 (off) and {MAX_RETENTION_S}")
+        raise argparse.ArgumentTypeError(f"must be between 0 (no limit) and {MAX_RETENTION_S}")
+    return v
+
+
+def retention_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if not 0 <= v <= MAX_RETENTION_COUNT:
+        raise argparse.ArgumentTypeError(f"must be between 0 (no limit) and {MAX_RETENTION_COUNT}")
     return v
 
 
@@ -184,7 +213,14 @@ def add_colony_leaves(g: argparse._SubParsersAction, leaf: Leaf) -> None:
              "show, or set (colony owner key), how long finished processes are kept")
     p.add_argument("--seconds", type=retention_seconds, metavar="S",
                    help="remove finished processes and workflows S seconds after they end "
-                   "(0: keep forever, the default)")
+                   "(0: no age limit; the default keeps them 30 days)")
+    p.add_argument("--count", type=retention_count, metavar="N",
+                   help="keep only the newest N finished processes and N workflows "
+                   "(0: no count limit)")
+    p.add_argument("--keep-everything", action="store_true",
+                   help="never remove finished work (it stays in the archive on disk)")
+    p.add_argument("--default", action="store_true",
+                   help="go back to the cluster's default (30 days)")
 
 
 # `colonies process run` flags for the optional spec fields.

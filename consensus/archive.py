@@ -331,6 +331,24 @@ class VersionedArchive(ABC):
         """sha3-256 hex of every stored visible row and log in a canonical order
         (``rows_digest``): equal on replicas whose archives hold the same history."""
 
+    # Files (what a node does with its archive besides applying the log).
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Make everything stored durable."""
+
+    @abstractmethod
+    def backup(self, target: Any) -> None:  # noqa: ANN401 - a path
+        """A consistent copy in ``target``, for a follower that installs a snapshot."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of the files (they are about to be replaced)."""
+
+    @abstractmethod
+    def reopen(self) -> None:
+        """Open the files again, as they now are."""
+
 
 # The archive as the state machine sees it.
 Archive = VersionedArchive
@@ -406,6 +424,20 @@ class MemoryArchive(VersionedArchive):
     def digest(self) -> str:
         rows = sorted((r.row for r in self._rows.values() if r.removed == 0), key=lambda r: r.key)
         return rows_digest((row, self._logs.get(row.id)) for row in rows)
+
+    # Nothing on disk: durable, closed and reopened as it is.
+
+    def sync(self) -> None:
+        pass
+
+    def backup(self, target: Any) -> None:  # noqa: ANN401
+        raise NotImplementedError("an in-memory archive has no files to copy")
+
+    def close(self) -> None:
+        pass
+
+    def reopen(self) -> None:
+        pass
 
 
 def rows_digest(rows: Iterable[tuple[Archived, ArchivedLog | None]]) -> str:

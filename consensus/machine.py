@@ -241,13 +241,22 @@ class ColonyMachine:
         one's archive (the replica loading a snapshot)."""
         return type(self).restore(data, self._st.archive, index)
 
+    # The archive's files, for the node (a snapshot's history, node/snapshot_transfer.py).
+
     def sync_history(self) -> None:
-        sync = getattr(self._st.archive, "checkpoint", None)
-        if sync is not None:
-            sync()
+        self._st.archive.sync()
 
     def collect_history(self, upto: int) -> int:
         return self._st.archive.collect(upto)
+
+    def backup_history(self, target: Any) -> None:  # noqa: ANN401 - a path
+        self._st.archive.backup(target)
+
+    def close_history(self) -> None:
+        self._st.archive.close()
+
+    def reopen_history(self) -> None:
+        self._st.archive.reopen()
 
     def digest(self) -> str:
         """sha3-256 hex of the canonical encoding of snapshot(): equal on converged replicas."""

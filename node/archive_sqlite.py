@@ -112,6 +112,11 @@ class SqliteArchive(VersionedArchive):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> int:
+        """Opens (creating) the file; returns the index it holds."""
+        path = self.path
         if not path.exists():
             # Created private before SQLite opens it (its -wal/-shm take the same mode).
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
@@ -126,10 +131,9 @@ class SqliteArchive(VersionedArchive):
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             elif version != SCHEMA_VERSION:
                 raise ArchiveError(f"{path} has archive schema {version}, not {SCHEMA_VERSION}")
-            applied = self._meta("applied") or 0
+            return self._meta("applied") or 0
         except sqlite3.Error as e:
             raise ArchiveError(f"cannot open the archive {path}: {e}") from None
-        super().__init__(applied)
 
     def _meta(self, key: str) -> int | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -137,6 +141,26 @@ class SqliteArchive(VersionedArchive):
 
     def close(self) -> None:
         self._db.close()
+
+    def reopen(self) -> None:
+        self._applied = self._open()
+
+    def backup(self, target: Any) -> None:  # noqa: ANN401 - a path
+        """SQLite's online backup into ``target``, in one step on a read-only connection of
+        its own (one consistent read, whatever the event loop writes meanwhile)."""
+        target = Path(target)
+        src = open_connection(self.path, readonly=True)
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE))
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        except sqlite3.Error as e:
+            raise ArchiveError(f"cannot copy the archive {self.path}: {e}") from None
+        finally:
+            src.close()
 
     # --- storage -------------------------------------------------------------------------------
 
@@ -298,6 +322,9 @@ class SqliteArchive(VersionedArchive):
         return archive_digest(self._db)[0]
 
     # --- durability ----------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        self.checkpoint()
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and sync both (SQLite syncs the WAL first),

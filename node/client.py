@@ -701,14 +701,19 @@ class Client:
             for p in page["processes"]:
                 yield p
 
-    async def set_retention(self, colonyname: str, seconds: int) -> dict:
-        """Colony owner: remove finished processes and workflows `seconds` after they ended
-        (0: keep them forever, the default). Export what you want to keep before then."""
-        return await self.call("setretentionmsg", {"colonyname": colonyname, "seconds": seconds})
+    async def set_retention(
+        self, colonyname: str, seconds: int = 0, count: int = 0, *, default: bool = False
+    ) -> dict:
+        """Colony owner: remove finished processes and workflows `seconds` after they ended,
+        and beyond the newest `count` of each (0 and 0: keep everything); `default` goes
+        back to the cluster's default (30 days). Export what you want to keep before then.
+        Returns the policy now in force, as `retention` does."""
+        body = {"colonyname": colonyname, "seconds": seconds, "count": count, "default": default}
+        return await self.call("setretentionmsg", body)
 
-    async def retention(self, colonyname: str) -> int:
-        """The colony's retention in seconds (0: off)."""
-        return (await self.call("getretentionmsg", {"colonyname": colonyname}))["seconds"]
+    async def retention(self, colonyname: str) -> dict:
+        """The colony's retention: {colonyname, seconds, count, default}."""
+        return await self.call("getretentionmsg", {"colonyname": colonyname})
 
     async def export_processes(
         self, colonyname: str, *, since: int = 0, afterseq: int = 0, count: int = 100

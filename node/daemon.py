@@ -38,6 +38,7 @@ from node.p2p import full_addrs, parse_peer_addr, running_host
 from node.raft_journal import SyncPolicy
 from node.raft_libp2p import libp2p_raft_transport
 from node.raft_replica import (
+    DEFAULT_COMPACT_AFTER,
     DUMP_FILE,
     GROUP_TIMEOUTS,
     JOURNAL_FILE,
@@ -47,6 +48,7 @@ from node.raft_replica import (
 from node.raft_transport import RaftTransport
 from node.replicator import Replicator
 from node.rpc_server import RPC_PROTOCOL_ID, RpcServer
+from node.snapshot_transfer import SnapshotTransfer, complete_install
 from node.ticker import run_timeouts
 from protocol.errors import BadRequest, ColoniesError, Unavailable
 from protocol.identity import PrivateKey
@@ -81,6 +83,8 @@ class NodeConfig:
     # When the Raft journal reaches the disk: before every acknowledgement, or on an interval
     # (node/raft_journal.py).
     journal_sync: SyncPolicy = field(default_factory=SyncPolicy)
+    # Snapshot the live state and cut the journal after this many entries (or 5 minutes).
+    compact_after: int = DEFAULT_COMPACT_AFTER
 
 
 def server_owner_key(config: NodeConfig) -> tuple[PrivateKey, str]:
@@ -140,6 +144,7 @@ class ColonyNode:
         self.data = DataDir(config.data_dir)
         self.replicator: Replicator | None = None
         self.transport: RaftTransport | None = None
+        self.snapshot_transfer: SnapshotTransfer | None = None
         self.membership: Membership | None = None
         self.announce = ""
         self.rpc: RpcServer | None = None
@@ -173,6 +178,8 @@ class ColonyNode:
         status = self.replicator.status()
         if self.transport is not None:
             status["last_heard"] = self.transport.last_heard()
+        if self.snapshot_transfer is not None:
+            status["snapshot_transfers"] = dict(self.snapshot_transfer.counters)
         status.update(self.loop.status())
         return status
 
@@ -203,6 +210,8 @@ class ColonyNode:
                 on_members_changed=lambda m: self._membership_hook(m),
                 faults=faults,
             )
+            if complete_install(self.config.data_dir):
+                log.warning("finished installing the snapshot received before the last stop")
             archive = SqliteArchive(self.config.data_dir / ARCHIVE_FILE)
             raft = ReplicatedColony(
                 self.peer_id,
@@ -213,8 +222,13 @@ class ColonyNode:
                 timeouts=GROUP_TIMEOUTS if others else SOLO_TIMEOUTS,
                 joining=joining,
                 sync_policy=self.config.journal_sync,
+                log_compaction_min_entries=self.config.compact_after,
             )
             self.replicator = replicator = Replicator(raft, relay=transport)
+            self.snapshot_transfer = snapshots = SnapshotTransfer(
+                self.config.data_dir, raft, transport
+            )
+            raft.on_snapshot_needed = snapshots.needed
             transport.attach(replicator.kick)
             self.transport = transport
             self.membership = membership = Membership(
@@ -226,7 +240,10 @@ class ColonyNode:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.loop.run)
-                    nursery.start_soon(keep_archive, archive, lambda: raft.snapshot_index)
+                    await nursery.start(snapshots.run)
+                    nursery.start_soon(
+                        keep_archive, archive, lambda: min([raft.snapshot_index, *snapshots.pinned()])
+                    )
                     if faults is not None:
                         await nursery.start(faults.run)
                     await nursery.start(transport.run)

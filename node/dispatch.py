@@ -18,7 +18,7 @@ from node import subscriptions
 from node.archive_sqlite import file_digest
 from node.log_follow import follow_logs
 from protocol.envelope import Request
-from protocol.errors import NotFound, RequestTimeout, error_from_wire
+from protocol.errors import NotFound, RequestTimeout, Unavailable, error_from_wire
 
 # Every call is bounded: long-polls by their own timeout, everything else by this.
 DEFAULT_CALL_TIMEOUT_S = 10.0
@@ -85,6 +85,8 @@ class Dispatcher:
     async def handle(self, req: Request) -> Any:
         if req.msgtype == "getserverinfomsg":
             return self.server_info()
+        if getattr(self.log.colony, "installing", False):
+            raise Unavailable("this node is installing a snapshot from its leader; retry shortly")
         if not req.write:
             if req.body.get("consistent"):
                 status, value = await self.log.submit({"op": "barrier"}, DEFAULT_CALL_TIMEOUT_S)

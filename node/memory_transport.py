@@ -14,10 +14,9 @@ Faults act on whole frames (the pipe re-frames what a writer writes):
   every frame is lost, new connections hang, and an end that resets its pipe tells nobody
   (the other end learns it when traffic passes again, like a TCP RST): a hung peer, which
   only the transport's heartbeat timeout notices. ``heal()`` ends the partition.
-* ``set_faults(drop=p, delay=(lo, hi))``: each Raft frame is lost with probability ``p``
-  (never snapshot chunks: losing one inside a stream, which a real stream never does, would
-  corrupt the follower's dump; nor heartbeats) and delivered ``lo..hi`` seconds later, in
-  order per direction (a stream never reorders).
+* ``set_faults(drop=p, delay=(lo, hi))``: each Raft frame but heartbeats is lost with
+  probability ``p`` and delivered ``lo..hi`` seconds later, in order per direction (a stream
+  never reorders).
 
 Addresses: a member's address is only "known" (any string, e.g. ``network.address(peer)``)
 or None (unknown: that peer must dial us), as with libp2p multiaddrs.
@@ -30,7 +29,6 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import msgpack
 import trio
 
 from node.faults import FaultFile
@@ -42,14 +40,6 @@ from protocol.framing import FrameDecoder, encode_frame
 
 class MemoryStreamReset(ConnectionResetError):
     """The pipe broke (reset by either end, or cut by a partition)."""
-
-
-def _is_snapshot_chunk(body: bytes) -> bool:
-    try:
-        msg = msgpack.unpackb(body, raw=False)
-    except Exception:
-        return False
-    return isinstance(msg, dict) and "serialized" in msg
 
 
 class _Endpoint:
@@ -255,12 +245,7 @@ class MemoryNetwork:
     def _passes(self, src: str, dst: str, body: bytes) -> bool:
         if not self.reachable(src, dst):
             return False  # a silent partition: the pipe is up, nothing gets through
-        if (
-            self.drop_rate
-            and body != HEARTBEAT
-            and self.random.random() < self.drop_rate
-            and not _is_snapshot_chunk(body)
-        ):
+        if self.drop_rate and body != HEARTBEAT and self.random.random() < self.drop_rate:
             self.frames_dropped += 1
             return False
         return True

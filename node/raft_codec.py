@@ -98,6 +98,28 @@ def _commands(v: object) -> bool:
 _REQUIRED["relay"] = {"cmds": _commands, "tokens": _tokens, "ttl_ms": _uint}
 _REQUIRED["relay_refused"] = {"tokens": _tokens, "reason": _uint}
 
+# Snapshots travel on our own messages too (node/snapshot_transfer.py): the leader sends a
+# file in chunks at offsets, the follower acknowledges the offset it wants next.
+SNAPSHOT_TYPES = frozenset({"snap_chunk", "snap_ack"})
+SNAPSHOT_PARTS = ("dump", "archive")
+MAX_SNAPSHOT_CHUNK = 1024 * 1024
+
+
+def _part(v: object) -> bool:
+    return type(v) is str and v in SNAPSHOT_PARTS
+
+
+def _chunk(v: object) -> bool:
+    return type(v) is bytes and 0 < len(v) <= MAX_SNAPSHOT_CHUNK
+
+
+_REQUIRED["snap_chunk"] = {"sid": _uint, "index": _uint, "part": _part, "offset": _uint,
+                           "size": _uint, "data": _chunk}
+_REQUIRED["snap_ack"] = {"sid": _uint, "part": _part, "offset": _uint}
+
+# Every message type that is ours, not PySyncObj's: handled by the node, never by PySyncObj.
+OWN_TYPES = RELAY_TYPES | SNAPSHOT_TYPES
+
 
 def _entries(v: object) -> list[tuple[bytes, int, int]]:
     if type(v) is not list:

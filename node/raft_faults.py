@@ -6,9 +6,8 @@ plan of a ``FaultFile`` (``colonyd --fault-file``, see ``node/faults.py``):
 * a partition (``block``): dials to and streams from blocked peers are refused, and streams
   already open with a peer that becomes blocked are cut;
 * lost messages (``drop``): each frame a writer sends is lost with the plan's probability, but
-  never a heartbeat (the session would only look hung) nor a snapshot chunk (PySyncObj's
-  snapshot transfer has no retransmission: a stream never loses one in the middle while
-  staying up, and the follower's dump would be corrupt);
+  never a heartbeat (the session would only look hung); snapshot chunks are lost too, and
+  sent again (node/snapshot_transfer.py);
 * a slow link (``delay_ms``): each read waits that long before delivery, in order (latency,
   and a cap on throughput as a congested link has).
 
@@ -20,7 +19,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import msgpack
 import trio
 
 from node.faults import FaultFile, FaultPlan
@@ -29,14 +27,6 @@ from node.raft_transport import AcceptStream, RaftStream, StreamLayer
 from protocol.framing import FrameDecoder, encode_frame
 
 log = logging.getLogger("colonies.faults")
-
-
-def _is_snapshot_chunk(body: bytes) -> bool:
-    try:
-        msg = msgpack.unpackb(body, raw=False)
-    except Exception:
-        return False
-    return isinstance(msg, dict) and "serialized" in msg
 
 
 class FaultyStream:
@@ -97,7 +87,7 @@ class FaultyStreamLayer:
         faults.listeners.append(self._on_plan)
 
     def loses(self, body: bytes) -> bool:
-        if body == HEARTBEAT or not self.faults.drops() or _is_snapshot_chunk(body):
+        if body == HEARTBEAT or not self.faults.drops():
             return False
         self.counters["fault_dropped"] += 1
         return True

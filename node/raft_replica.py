@@ -48,21 +48,28 @@ from typing import Any, Protocol
 import msgpack
 import trio
 from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.monotonic import monotonic
 from pysyncobj.node import Node
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.transport import Transport
 
 from consensus.archive import ArchiveError
-from node.datadir import FILE_MODE, DataDir
+from node.datadir import DataDir
 from node.pickle_guard import parse_membership_command, parse_version_command
-from node.raft_dump import decode_dump, encode_dump
+from node.raft_dump import decode_dump
 from node.raft_journal import DurableJournal, SyncPolicy
+from node.raft_snapshots import SnapshotStore
 
 log = logging.getLogger("colonies.raft")
 
 ALWAYS_SYNC = SyncPolicy()
 JOURNAL_FILE = "raft.journal"
 META_FILE = "raft.meta"
+# The journal's entries are kept in memory as well: past this size, compact the log whatever
+# the entry count or time.
+MAX_JOURNAL_BYTES = 64 * 1024 * 1024
+# Entries between snapshots (colonyd --compact-after).
+DEFAULT_COMPACT_AFTER = 5000
 DUMP_FILE = "raft.dump"
 
 # A single log entry at or above PySyncObj's appendEntriesBatchSizeBytes is sent to followers
@@ -73,7 +80,6 @@ MAX_ENTRY_BYTES = 2 * 1024 * 1024
 _REGULAR = bytes([_COMMAND_TYPE.REGULAR])
 _MEMBERSHIP = bytes([_COMMAND_TYPE.MEMBERSHIP])
 _VERSION = bytes([_COMMAND_TYPE.VERSION])
-_Entry = tuple[bytes, int, int]  # a PySyncObj log entry: (command, index, term)
 _STATE_NAMES = {
     _RAFT_STATE.FOLLOWER: "follower",
     _RAFT_STATE.CANDIDATE: "candidate",
@@ -100,11 +106,24 @@ class StateMachine(Protocol):
     def collect_history(self, upto: int) -> int:
         """Drop removed history that the snapshot at ``upto`` covers; how many rows went."""
 
+    def backup_history(self, target: Path) -> None:
+        """A consistent copy of the history in ``target`` (for a follower; a worker thread)."""
+
+    def close_history(self) -> None:
+        """Let go of the history's files (a snapshot install replaces them)."""
+
+    def reopen_history(self) -> None:
+        """Open the history's files again, as they now are."""
+
 
 # What the parser hands PySyncObj for a refused MEMBERSHIP command: not None (PySyncObj would
 # then take the command for a regular one), and a request type that __doChangeCluster refuses
 # without side effects, so the leader answers REQUEST_DENIED and the other nodes ignore it.
 REFUSED_CHANGE = ("refused", "")
+
+def _unused_serializer(*args: Any) -> None:  # noqa: ANN401
+    raise AssertionError("PySyncObj's Serializer is replaced by node/raft_snapshots.py")
+
 
 # How many ticks a new commit index may wait for the next entry (_flush_append_entries).
 MAX_COMMIT_HOLD_TICKS = 3
@@ -204,7 +223,7 @@ class ReplicatedColony(SyncObj):
         transport: Transport | None = None,
         on_applied: Callable[[], None] | None = None,
         timeouts: RaftTimeouts | None = None,
-        log_compaction_min_entries: int = 5000,
+        log_compaction_min_entries: int = DEFAULT_COMPACT_AFTER,
         log_compaction_min_time: float = 300.0,
         joining: bool = False,
         sync_policy: SyncPolicy = ALWAYS_SYNC,
@@ -248,7 +267,8 @@ class ReplicatedColony(SyncObj):
         # leader the moment a session comes up. Cleared for good once a leader is known.
         self._joining = joining
         self._refused_commands = 0
-        self._loaded_snapshot_index = 0
+        self._installing = False
+        self._timeouts = timeouts
         self._ae_sent = (0, 0)  # (log end, commit index) the last append-entries carried
         self._commit_held = 0  # ticks a new commit index has waited for an entry to carry it
         # Whether the proposer has a batch about to go in (then a bare commit index waits).
@@ -257,6 +277,15 @@ class ReplicatedColony(SyncObj):
         # Our journal, not PySyncObj's (node/raft_journal.py): PySyncObj starts on an empty
         # in-memory one and gets this one right after its constructor, below.
         self.sync_policy = sync_policy
+        # ``on_snapshot_needed(peer)``: a follower is behind the log (node/snapshot_transfer.py).
+        self.on_snapshot_needed: Callable[[str], None] | None = None
+        self._snapshots = SnapshotStore(
+            directory / DUMP_FILE,
+            lambda: self._machine,
+            self._install_machine,
+            self._fail,
+            self._snapshot_needed,
+        )
         try:
             self._journal = DurableJournal(directory / JOURNAL_FILE, directory / META_FILE)
         except BaseException:
@@ -268,7 +297,7 @@ class ReplicatedColony(SyncObj):
             # Append-entries go out once per tick (see _flush_append_entries), not once per
             # added entry and again per commit.
             appendEntriesUseBatch=True,
-            useFork=False,  # forking a trio process is unsafe; snapshots are written inline
+            useFork=False,  # snapshots fork in node/raft_snapshots.py, not in PySyncObj
             dynamicMembershipChange=True,
             journalFile=None,
             fullDumpFile=str(directory / DUMP_FILE),
@@ -280,8 +309,10 @@ class ReplicatedColony(SyncObj):
             appendEntriesBatchSizeBytes=MAX_ENTRY_BYTES,
             logCompactionMinEntries=log_compaction_min_entries,
             logCompactionMinTime=log_compaction_min_time,
-            serializer=self._write_dump,
-            deserializer=self._read_dump,
+            # Our SnapshotStore replaces PySyncObj's Serializer below; with a serializer set,
+            # PySyncObj hands it no copy of our attributes.
+            serializer=_unused_serializer,
+            deserializer=_unused_serializer,
         )
         try:
             super().__init__(
@@ -296,6 +327,7 @@ class ReplicatedColony(SyncObj):
             self._release_dir()
             raise
         self._use_journal(self._journal)
+        self._SyncObj__serializer = self._snapshots
         if hasattr(transport, "set_ack_gate"):
             # A follower acknowledges entries only once they are on disk (policy always).
             transport.set_ack_gate(self.make_durable, self.make_durable_async)
@@ -404,8 +436,11 @@ class ReplicatedColony(SyncObj):
     @property
     def snapshot_index(self) -> int:
         """The log index of the last snapshot on disk (0: none yet)."""
-        last = self._SyncObj__lastSerializedEntry
-        return max(self._loaded_snapshot_index, last or 0)
+        return self._snapshots.snapshot_index
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        return self._snapshots
 
     @property
     def append_entries_held(self) -> bool:
@@ -415,6 +450,10 @@ class ReplicatedColony(SyncObj):
     # --- append-entries coalescing -----------------------------------------------------------
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self._installing:
+            return
+        if self._journal.byte_size > MAX_JOURNAL_BYTES and not self._snapshots.writing:
+            self.forceLogCompaction()  # the entries are in memory too: compact by size as well
         # A leader counts itself toward the commit of every entry in its log, in this tick:
         # what it appended since the last tick must be on disk first.
         self.make_durable()
@@ -456,6 +495,7 @@ class ReplicatedColony(SyncObj):
         conf.raftMinTimeout = timeouts.min_timeout
         conf.raftMaxTimeout = timeouts.max_timeout
         conf.leaderFallbackTimeout = timeouts.leader_fallback
+        self._timeouts = timeouts
 
     @property
     def caught_up(self) -> bool:
@@ -474,6 +514,7 @@ class ReplicatedColony(SyncObj):
             "commit_index": s["commit_idx"],
             "last_applied": s["last_applied"],
             "log_len": s["log_len"],
+            "snapshot_index": self.snapshot_index,
             "leader_commit_index": s["leader_commit_idx"],
             "has_quorum": s["has_quorum"],
             "members": self.member_ids,
@@ -590,57 +631,73 @@ class ReplicatedColony(SyncObj):
         except Exception:
             log.exception("on_applied hook raised (ignored)")
 
-    # --- snapshots (called by PySyncObj's Serializer) ----------------------------------------
+    # --- snapshots (node/raft_snapshots.py) --------------------------------------------------
 
-    def _write_dump(self, path: str, raft_part: tuple[Any, ...]) -> None:
-        """``raft_part`` = (last applied entry, the one before it, set of member Nodes).
-        PySyncObj writes ``path`` (= dump + '.tmp') and renames it over the dump itself."""
-        try:
-            last, prev, cluster = raft_part
-            machine = self._machine
-            blob = encode_dump(machine.snapshot(), last, prev, [n.id for n in cluster])
-            # The journal is cut at this snapshot: the history it built must be durable first
-            # (a restart reads the archive as it is and replays only what comes after).
-            machine.sync_history()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                # The journal is cut right after this: the dump must be on disk before that.
-                os.fsync(f.fileno())
-        except Exception:
-            # PySyncObj only logs "Failed to store full dump" and keeps the journal, which is
-            # safe; say why here.
-            log.exception("writing the raft dump failed; the journal is kept")
-            raise
-
-    def _read_dump(self, path: str) -> tuple[_Entry, _Entry, set[Node]]:
-        """Returns what PySyncObj stored, shaped as it compares it: entries must be tuples
-        (bytes, idx, term), because ``__loadDumpFile`` clears the journal when its first two
-        entries differ from them (a list never equals a tuple: that would drop every entry
-        written after the snapshot)."""
-        try:
-            with open(path, "rb") as f:
-                data = decode_dump(f.read())
-            machine = self._machine.restored(data["machine"], data["last"][1])
-        except Exception as e:
-            self._fatal_error = f"cannot load raft dump {path}: {e}"
-            log.critical(self._fatal_error, exc_info=True)
-            raise
+    def _install_machine(self, machine: StateMachine, index: int) -> None:
+        """A snapshot replaced the state (a restart, or one the leader sent)."""
         self._machine = machine
-        self._loaded_snapshot_index = data["last"][1]
         if self.on_snapshot is not None:
             try:
                 self.on_snapshot()
             except Exception:
                 log.exception("on_snapshot hook raised (ignored)")
         self._notify_applied()
-        last, prev = data["last"], data["prev"]
-        return (
-            (last[0], last[1], last[2]),
-            (prev[0], prev[1], prev[2]),
-            {Node(i) for i in data["members"]},
-        )
+
+    def _fail(self, why: str) -> None:
+        self._fatal_error = why
+        log.critical(why)
+
+    def _snapshot_needed(self, node: Node) -> None:
+        """PySyncObj (as leader) found ``node`` behind its log. Its send loop would ask again
+        and again, sending an empty message each time, until the loop's time is up: moving
+        the follower's next index past the log ends the loop, and the next heartbeat's
+        refusal moves it back, so the follower keeps hearing from us (no election) until
+        our transfer has installed the snapshot and it acknowledges the snapshot's index."""
+        self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+        if self.on_snapshot_needed is not None:
+            self.on_snapshot_needed(str(node.id))
+
+    # --- installing a snapshot from the leader (node/snapshot_transfer.py) --------------------
+
+    @property
+    def installing(self) -> bool:
+        """A snapshot from the leader is being installed: no tick, no Raft message, no read."""
+        return self._installing
+
+    def backup_history(self, target: Path) -> None:
+        self._machine.backup_history(target)
+
+    def begin_install(self) -> None:
+        self._installing = True
+        self._machine.close_history()
+
+    def load_installed(self) -> tuple[StateMachine, dict[str, Any]]:
+        """The state the received snapshot holds, over the received history: decoded and
+        built in a worker thread while the event loop goes on (nothing else touches the
+        machine while installing)."""
+        self._machine.reopen_history()
+        with open(self._data_dir / DUMP_FILE, "rb") as f:
+            data = decode_dump(f.read())
+        return self._machine.restored(data["machine"], data["last"][1]), data
+
+    def finish_install(self, machine: StateMachine, data: dict[str, Any], leader: str) -> None:
+        """Take the state over as PySyncObj takes a snapshot it received: the journal starts
+        at the snapshot, and the leader learns where this log now ends."""
+        self._snapshots.prepare(machine, data)
+        self._SyncObj__loadDumpFile(clearJournal=True)
+        self.make_durable()
+        self._installing = False
+        # Ticks were off: do not stand for election on a timer that ran meanwhile.
+        self._SyncObj__raftElectionDeadline = monotonic() + self._timeouts.max_timeout
+        self._SyncObj__sendNextNodeIdx(Node(leader), success=True)
+
+    def abort_install(self, why: str) -> None:
+        self._fail(why)  # the node stops; a restart finishes the install (complete_install)
+
+    def _SyncObj__onMessageReceived(self, node: Node, message: Any) -> None:  # noqa: ANN401
+        if self._installing:
+            return  # resent once this node has told the leader where its log ends
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     # --- shutdown ----------------------------------------------------------------------------
 
@@ -656,6 +713,7 @@ class ReplicatedColony(SyncObj):
         except Exception:
             log.exception("storing the raft journal meta failed")
         try:
+            self._snapshots.close()
             self.destroy()  # autoTick=False: transport.destroy() + journal sync and close
         finally:
             self._close_wakeup_pipe()

@@ -50,7 +50,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +61,7 @@ from pysyncobj.transport import Transport
 from node.raft_codec import (
     HEARTBEAT,
     HEARTBEAT_FRAME,
+    OWN_TYPES,
     RAFT_MAX_FRAME_BYTES,
     RELAY_TYPES,
     RaftMessageRefused,
@@ -178,7 +179,7 @@ class RaftTransport(Transport):
     ) -> None:
         super().__init__(None, None, [])
         self._layer = layer
-        self._relay_handler: Callable[[str, dict[str, Any]], None] | None = None
+        self._handlers: dict[str, Callable[[str, dict[str, Any]], None]] = {}
         self._ack_gate: Callable[[], None] | None = None
         self._ack_gate_async: Callable[[], Awaitable[None]] | None = None
         self._holding_acks = False
@@ -387,8 +388,19 @@ class RaftTransport(Transport):
         for peer, message in acks:
             self._send_safely(peer, message)
 
+    def set_handler(
+        self, types: Iterable[str], handler: Callable[[str, dict[str, Any]], None] | None
+    ) -> None:
+        """``handler(peer, message)`` for our own message types (node/raft_codec.py OWN_TYPES),
+        which never reach PySyncObj; None removes it. Called in the reader: must not raise."""
+        for kind in types:
+            if handler is None:
+                self._handlers.pop(kind, None)
+            else:
+                self._handlers[kind] = handler
+
     def set_relay_handler(self, handler: Callable[[str, dict[str, Any]], None] | None) -> None:
-        self._relay_handler = handler
+        self.set_handler(RELAY_TYPES, handler)
 
     def set_session_handler(self, handler: Callable[[str], None] | None) -> None:
         """``handler(peer)`` after every new session with a member: frames queued on the
@@ -766,14 +778,14 @@ class RaftTransport(Transport):
             self._warn.warning("bad", "dropped a raft message from %s: %s", node.id, e)
             return False
         self.counters["messages_received"] += 1
-        if message["type"] in RELAY_TYPES:
-            handler = self._relay_handler
+        if message["type"] in OWN_TYPES:
+            handler = self._handlers.get(message["type"])
             if handler is not None:
                 try:
                     handler(str(node.id), message)
                 except Exception:
                     self.counters["callback_errors"] += 1
-                    self._warn.warning("cb", "relay handler raised", exc_info=True)
+                    self._warn.warning("cb", "%s handler raised", message["type"], exc_info=True)
             return False
         try:
             self._onMessageReceived(node, message)

@@ -70,8 +70,11 @@ class ClusterError(AssertionError):
 class NodeProc:
     """One `colonyd` with its own data dir and fixed port; start, kill, stop, restart."""
 
-    def __init__(self, workdir: Path, name: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, name: str, env: dict[str, str], args: list[str] | None = None
+    ) -> None:
         self.name = name
+        self.args = list(args or [])  # more colonyd options, on every start
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.dir / "data"
@@ -103,6 +106,7 @@ class NodeProc:
             "--listen", self.listen,
             "--ready-file", str(self.ready_file),
             "--log-level", "info",
+            *self.args,
         ]
         if join:
             argv += ["--join", join]
@@ -181,9 +185,12 @@ class NodeProc:
 class LocalCluster:
     """Nodes n1..nN sharing one server owner key (given to each in the environment)."""
 
-    def __init__(self, workdir: Path, server: PrivateKey) -> None:
+    def __init__(
+        self, workdir: Path, server: PrivateKey, args: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.server = server
+        self.args = args  # more colonyd options for every node
         self.env = dict(os.environ)
         self.env["COLONIES_SERVER_PRVKEY"] = server.hex
         self.env.setdefault("PYTHONUNBUFFERED", "1")
@@ -219,7 +226,7 @@ class LocalCluster:
     # --- processes ----------------------------------------------------------------------------
 
     def add_node(self) -> NodeProc:
-        node = NodeProc(self.workdir, f"n{len(self.nodes) + 1}", self.env)
+        node = NodeProc(self.workdir, f"n{len(self.nodes) + 1}", self.env, self.args)
         self.nodes.append(node)
         return node
 

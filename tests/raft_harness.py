@@ -16,6 +16,7 @@ import trio
 from node.raft_replica import RaftTimeouts, ReplicatedColony
 from node.raft_transport import RaftTransport
 from node.replicator import Replicator
+from node.snapshot_transfer import SnapshotTransfer
 from protocol.errors import ColoniesError
 
 
@@ -53,6 +54,15 @@ class FakeMachine:
     def collect_history(self, upto: int) -> int:
         return 0
 
+    def backup_history(self, target: Any) -> None:
+        Path(target).write_bytes(b"no history")  # a fake has none, but a transfer sends one
+
+    def close_history(self) -> None:
+        pass
+
+    def reopen_history(self) -> None:
+        pass
+
     def digest(self) -> str:
         return hashlib.sha256(msgpack.packb(self.applied, use_bin_type=True)).hexdigest()
 
@@ -70,6 +80,7 @@ class RaftNode:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stopped: trio.Event = field(default_factory=trio.Event)
     host: Any = None
+    snapshots: Any = None  # node/snapshot_transfer.py
 
     @property
     def machine(self) -> FakeMachine:
@@ -110,7 +121,10 @@ def build_node(
     )
     replicator = Replicator(colony, relay=transport)
     transport.attach(replicator.kick)
-    return RaftNode(node_id, data_dir, transport, colony, replicator, host=host)
+    node = RaftNode(node_id, data_dir, transport, colony, replicator, host=host)
+    node.snapshots = SnapshotTransfer(data_dir, colony, transport)
+    colony.on_snapshot_needed = node.snapshots.needed
+    return node
 
 
 async def serve_node(node: RaftNode, *, task_status: trio.TaskStatus[RaftNode]) -> None:
@@ -119,6 +133,7 @@ async def serve_node(node: RaftNode, *, task_status: trio.TaskStatus[RaftNode]) 
         with node.scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.transport.run)
+                await nursery.start(node.snapshots.run)
                 nursery.start_soon(node.replicator.run)
                 task_status.started(node)
     finally:

@@ -16,6 +16,7 @@ from raft_harness import wait_until
 
 from node.faults import NO_FAULTS, FaultFile, FaultFileError, FaultPlan, parse_plan
 from node.memory_transport import MemoryNetwork
+from node.raft_transport import HEARTBEAT_S
 
 
 def test_a_valid_plan_parses() -> None:
@@ -104,10 +105,12 @@ async def test_the_transport_obeys_partition_heal_and_drop(tmp_path: Path) -> No
         faults.reload()
         msg = {"type": "response_vote", "term": 1}
         assert a.send(Node("b"), msg)  # the sender cannot tell
-        chunk = {"type": "append_entries", "term": 1, "commit_index": 0,
-                 "serialized": [b"x", True, True]}
-        assert a.send(Node("b"), chunk)
-        await wait_until(lambda: len(received) == 1, 5, "the snapshot chunk")
-        assert "serialized" in received[0]  # never dropped
-        assert a.stats()["fault_dropped"] == 1
+        assert a.send(Node("b"), {"type": "timeout_now", "term": 1})
+        await trio.sleep(HEARTBEAT_S * 2)  # heartbeats still pass: the session stays up
+        assert received == [] and a.connected == ["b"]
+        assert a.stats()["fault_dropped"] == 2
+        path.write_text("{}")
+        faults.reload()
+        assert a.send(Node("b"), msg)
+        await wait_until(lambda: len(received) == 1, 5, "a message once drops stop")
         nursery.cancel_scope.cancel()

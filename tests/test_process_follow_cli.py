@@ -367,10 +367,12 @@ def test_colony_retention(dev: tuple[Env, Env, Path]) -> None:
     """Last in the module: it sweeps the colony's finished processes and workflows."""
     env, me, _ = dev
     shown = ok(colonies(env, "colony", "retention"))
-    assert "kept (retention off)" in shown
+    assert "removed 2592000 s after they end (the default)" in shown
     assert json.loads(ok(colonies(env, "colony", "retention", "-o", "json"))) == {
-        "colonyname": "dev", "seconds": 0}
-    refused(colonies(env, "colony", "retention", "--seconds", "-5"), 2, "between 0 (off)")
+        "colonyname": "dev", "seconds": 30 * 86_400, "count": 0, "default": True}
+    refused(colonies(env, "colony", "retention", "--seconds", "-5"), 2, "between 0 (no limit)")
+    refused(colonies(env, "colony", "retention", "--keep-everything", "--count", "5"), 2,
+            "goes alone")
     refused(colonies(env, "colony", "retention", "--seconds", "week"), 2, "invalid integer")
     refused(colonies(env, "colony", "retention", "--seconds", str(10**12)), 2, "between 0")
     # Only the colony owner sets it.
@@ -387,7 +389,7 @@ def test_colony_retention(dev: tuple[Env, Env, Path]) -> None:
     finished = [g["processgraphid"] for g in graphs if g["state"] in (SUCCESS, CANCELLED)]
     assert finished
     set_ = json.loads(ok(colonies(env, "colony", "retention", "--seconds", "1", "-o", "json")))
-    assert set_ == {"colonyname": "dev", "seconds": 1}
+    assert set_ == {"colonyname": "dev", "seconds": 1, "count": 0, "default": False}
     assert "removed 1 s after they end" in ok(colonies(env, "colony", "retention"))
 
     def swept() -> bool:

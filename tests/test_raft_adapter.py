@@ -64,6 +64,15 @@ class FakeMachine:
     def collect_history(self, upto: int) -> int:
         return 0
 
+    def backup_history(self, target: Any) -> None:
+        Path(target).write_bytes(b"no history")  # a fake has none, but a transfer sends one
+
+    def close_history(self) -> None:
+        pass
+
+    def reopen_history(self) -> None:
+        pass
+
     def digest(self) -> str:
         return hashlib.sha256(msgpack.packb(self.applied, use_bin_type=True)).hexdigest()
 

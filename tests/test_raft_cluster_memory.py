@@ -282,3 +282,31 @@ async def test_simultaneous_dials_settle_on_the_session_the_smaller_id_opened():
         for t in ends.values():
             t.destroy()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_behind_the_compacted_log_installs_a_snapshot(tmp_path):
+    """The leader compacted its log past what a follower has: the follower gets the state
+    by the snapshot transfer (node/snapshot_transfer.py), through lost chunks, and the
+    cluster goes on from there."""
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        behind = next(n for n in c.live() if n is not leader)
+        await behind.kill()
+        for i in range(40):
+            assert (await leader.put(i))[0] == 200
+        for n in c.live():
+            n.colony.forceLogCompaction()
+        await wait_until(
+            lambda: all(n.colony.snapshot_index >= 40 for n in c.live()), 10, "compactions"
+        )
+        c.network.set_faults(drop=0.2)  # chunks and acks get lost: sent again
+        back = await c.start(behind.id, IDS)
+        await wait_until(lambda: back.snapshots.counters["installed"] == 1, 20, "the install")
+        c.network.set_faults()
+        assert (await leader.put("after"))[0] == 200
+        await wait_until(lambda: converged(c.live()), 10, "convergence")
+        assert back.machine.values()[-1] == "after" and len(back.machine.values()) == 41
+        await wait_until(lambda: leader.snapshots.counters["sent"] == 1, 10, "the last acks")
+        assert back.snapshots.counters["installed"] == 1
+        assert not (back.data_dir / "install").exists()
+        assert not list((leader.data_dir / "outbox").iterdir())  # its copies are gone

@@ -291,6 +291,7 @@ async def serve_p2p_node(
                 node.scope, node.stopped = scope, stopped
                 async with trio.open_nursery() as nursery:
                     await nursery.start(transport.run)
+                    await nursery.start(node.snapshots.run)
                     nursery.start_soon(node.replicator.run)
                     task_status.started(node)
     finally:
