@@ -253,8 +253,8 @@ def raft_members(probes: list[Probe], leader: str | None) -> list[str] | None:
 
 def member_rows(probes: list[Probe], leader: str | None) -> list[dict[str, Any]]:
     """One row per member for `cluster ls`. `raft` says where a member stands in the Raft
-    group: "voter", "joining" (in the book, not yet in the group) or "leaving" (in the
-    group, no longer in the book)."""
+    group: "voter", "learner" (in the book, not yet in the group: it gets the log without a
+    vote until it has caught up) or "leaving" (in the group, no longer in the book)."""
     group = raft_members(probes, leader)
     rows = []
     for p in probes:
@@ -265,7 +265,7 @@ def member_rows(probes: list[Probe], leader: str | None) -> list[dict[str, Any]]
                 "reachable": p.reachable,
                 "role": p.raft.get("state", "unknown") if p.reachable else "down",
                 "term": p.raft.get("term") if p.reachable else None,
-                "raft": None if group is None else "voter" if p.peerid in group else "joining",
+                "raft": None if group is None else "voter" if p.peerid in group else "learner",
                 **({"error": p.error} if p.error else {}),
             }
         )

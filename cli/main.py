@@ -41,7 +41,7 @@ from cli.config import Config, ConfigError, load_config
 from cli.errors import UsageError
 from protocol.errors import ColoniesError
 from protocol.identity import PrivateKey
-from protocol.messages import CANCELLED, FAILED, RUNNING, SUCCESS, WAITING
+from protocol.messages import CANCELLED, FAILED, MAX_MEMBER_WAIT_S, RUNNING, SUCCESS, WAITING
 
 if TYPE_CHECKING:
     from node.client import Client
@@ -504,10 +504,13 @@ async def cmd_cluster_add(ctx: Context) -> int:
         raise UsageError(str(e)) from None
     key = ctx.cfg.key("server_prvkey")
     async with ctx.client(key) as c:
-        reply = await c.add_member(pid, addr)
+        reply = await c.add_member(pid, addr, wait=ctx.args.wait)
+    voter = bool(reply.get("voter"))
     ctx.say(
-        f"member {pid} added at {addr} (the leader adds it to the Raft group)",
-        {"peerid": pid, "addr": addr, "members": reply.get("members", {})},
+        f"member {pid} added at {addr}: "
+        + ("a voter now" if voter else "a learner, catching up; it becomes a voter once it "
+           "has the log (see `colonies cluster ls`)"),
+        {"peerid": pid, "addr": addr, "voter": voter, "members": reply.get("members", {})},
     )
     return 0
 
@@ -582,6 +585,19 @@ def seconds(minimum: float, inclusive: bool = True) -> Callable[[str], float]:
         if not math.isfinite(v) or v < minimum or (v == minimum and not inclusive):
             bound = "at least" if inclusive else "above"
             raise argparse.ArgumentTypeError(f"must be {bound} {minimum:g}, got {text}")
+        return v
+
+    return parse
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {v}")
         return v
 
     return parse
@@ -743,6 +759,9 @@ def build_parser() -> Parser:
     p = leaf(g, "add", cmd_cluster_add, "add a member (server owner key)")
     p.add_argument("multiaddr", metavar="MULTIADDR",
                    help="the new member's full address /ip4/HOST/tcp/PORT/p2p/PEERID")
+    p.add_argument("--wait", type=int_between(0, MAX_MEMBER_WAIT_S), default=30, metavar="S",
+                   help="wait up to S seconds for it to catch up and become a voter "
+                   "(default 30; it joins as a learner either way)")
     p = leaf(g, "remove", cmd_cluster_remove,
              "remove a member; it stops serving (server owner key)")
     p.add_argument("peerid", metavar="PEERID", help="the member's peer id (or full address)")

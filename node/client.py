@@ -216,10 +216,13 @@ class Client:
 
     # Cluster membership (server owner). The leader then changes the Raft group to match;
     # a removed node stops serving.
-    async def add_member(self, peerid: str, addr: str) -> dict:
+    async def add_member(self, peerid: str, addr: str, wait: int = 0) -> dict:
         """Add (or re-address) a member: `addr` is its full multiaddr ending in /p2p/peerid.
-        Returns {"members": {peer id: multiaddr}}, the member book after the change."""
-        return await self.call("addmembermsg", {"peerid": peerid, "addr": addr})
+        The node dials it first (an unreachable one is refused, nothing changes); it joins as
+        a learner and becomes a voter once caught up. Waits up to `wait` seconds for that.
+        Returns {"members": {peer id: multiaddr}, "voter": bool}."""
+        body = {"peerid": peerid, "addr": addr, "wait": wait}
+        return await self.call("addmembermsg", body, timeout=wait + self.timeout)
 
     async def remove_member(self, peerid: str) -> dict:
         """Remove a member; returns {"members": ...}, the member book after the change."""

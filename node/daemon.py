@@ -32,9 +32,10 @@ from node.faults import FaultFile
 from node.libp2p_patches import ConnectionLimits
 from node.log_context import set_log_node
 from node.loop_monitor import LoopMonitor
+from node.member_add import REACH_TIMEOUT_S
 from node.membership import Membership, NodeRemoved, check_not_removed, load_members, save_members
 from node.metrics import Metrics
-from node.p2p import full_addrs, parse_peer_addr, running_host
+from node.p2p import connect, full_addrs, parse_peer_addr, running_host
 from node.raft_journal import SyncPolicy
 from node.raft_libp2p import libp2p_raft_transport
 from node.raft_replica import (
@@ -178,6 +179,7 @@ class ColonyNode:
         status = self.replicator.status()
         if self.transport is not None:
             status["last_heard"] = self.transport.last_heard()
+            status["learners"] = sorted(self.transport.learners)
         if self.snapshot_transfer is not None:
             status["snapshot_transfers"] = dict(self.snapshot_transfer.counters)
         status.update(self.loop.status())
@@ -258,7 +260,11 @@ class ColonyNode:
                     await self._announce(replicator)
                     nursery.start_soon(membership.run)
                     self.rpc = rpc = RpcServer(
-                        Dispatcher(replicator, self.server_info).handle,
+                        Dispatcher(
+                            replicator,
+                            self.server_info,
+                            reach=lambda _peer, addr: connect(host, addr, REACH_TIMEOUT_S),
+                        ).handle,
                         lambda: replicator.machine.cluster_id,
                     )
                     self.metrics = metrics = Metrics(
@@ -293,7 +299,7 @@ class ColonyNode:
 
     def _is_member(self, peer_id: str) -> bool:
         """Raft peers are never refused as clients (libp2p_patches.ConnectionLimits)."""
-        return self.transport is not None and peer_id in self.transport.members
+        return self.transport is not None and self.transport.is_peer(peer_id)
 
     def _membership_hook(self, members: dict[str, str | None]) -> None:
         if self.membership is not None:
@@ -322,7 +328,9 @@ class ColonyNode:
         members = info.get("members")
         if not isinstance(members, dict) or not members:
             raise BadRequest(f"{self.config.join[0]} reports no cluster members to join")
-        others = {p: a for p, a in members.items() if p != self.peer_id}
+        # The partners are the voters; members that are learners themselves get no vote.
+        voters = (info.get("raft") or {}).get("members") or list(members)
+        others = {p: a for p, a in members.items() if p != self.peer_id and p in voters}
         log.info("joining cluster %s with members %s", info.get("clusterid"), ", ".join(others))
         return others, True
 
@@ -370,9 +378,14 @@ class ColonyNode:
                     raise NodeRemoved("this node was removed from its cluster while it was down")
 
     async def _wait_for_state(self, replicator: Replicator) -> None:
-        """A joined node serves once it has the cluster's bootstrap entry."""
-        while not replicator.machine.server_id:
+        """A joined node serves once it has the cluster's bootstrap entry and the leader has
+        made it a voter (it gets the log as a learner until then: node/raft_elections.py)."""
+        last_log = trio.current_time()
+        while not replicator.machine.server_id or replicator.colony.learner:
             await replicator.wait_applied(replicator.applied_generation, trio.current_time() + 1)
+            if trio.current_time() - last_log >= LEADER_WAIT_LOG_S:
+                log.info("waiting: a learner until the leader makes this node a voter")
+                last_log = trio.current_time()
 
     async def _announce(self, replicator: Replicator) -> None:
         """Records this node's current address in the member book when it changed."""

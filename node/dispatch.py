@@ -10,6 +10,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -17,6 +18,7 @@ import trio
 from node import subscriptions
 from node.archive_sqlite import file_digest
 from node.log_follow import follow_logs
+from node.member_add import Reach, add_member
 from protocol.envelope import Request
 from protocol.errors import NotFound, RequestTimeout, Unavailable, error_from_wire
 
@@ -38,6 +40,10 @@ class Machine(Protocol):
 class Replica(Protocol):
     @property
     def last_applied(self) -> int: ...
+    @property
+    def installing(self) -> bool: ...
+    @property
+    def member_ids(self) -> list[str]: ...
 
 
 class Log(Protocol):
@@ -69,9 +75,12 @@ class _AssignWaiter:
 
 
 class Dispatcher:
-    def __init__(self, log: Log, server_info: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, log: Log, server_info: Callable[[], dict[str, Any]], reach: Reach | None = None
+    ) -> None:
         self.log = log
         self.server_info = server_info
+        self.reach = reach  # dials a new member before it is added (node/member_add.py)
         # Assign proposals in flight per colony (granted slots). Without this gate every
         # long-poller would propose an assign for the same new process and all but one would
         # be refused, a log entry each.
@@ -85,7 +94,7 @@ class Dispatcher:
     async def handle(self, req: Request) -> Any:
         if req.msgtype == "getserverinfomsg":
             return self.server_info()
-        if getattr(self.log.colony, "installing", False):
+        if self.log.colony.installing:
             raise Unavailable("this node is installing a snapshot from its leader; retry shortly")
         if not req.write:
             if req.body.get("consistent"):
@@ -104,6 +113,9 @@ class Dispatcher:
             return await self._assign(req, req.msgtype, req.nonce)
         if req.msgtype == "closeassignmsg":
             return await self._close_assign(req)
+        if req.msgtype == "addmembermsg":
+            write = partial(self._write, req, req.msgtype, req.body, req.nonce)
+            return await add_member(self.log, req, self.reach, write)
         return await self._write(req, req.msgtype, req.body, req.nonce)
 
     async def _state_digest(self, req: Request) -> Any:

@@ -4,10 +4,13 @@ The state machine holds the member book (peer id -> multiaddr), changed only by 
 owner's ``addmembermsg``/``removemembermsg``. This module turns the book into Raft membership
 and back into what a node does:
 
-* the leader adds to the Raft group every member in the book that is not in it, and removes
-  every Raft member that left the book, one change at a time (PySyncObj allows no more), and
-  only when its whole log is applied, so that a book one entry behind the log never undoes a
-  change;
+* a member in the book that is not in the Raft group is a *learner* (node/raft_elections.py):
+  every node lets it in as one, so it gets the log without a vote; the leader makes it a voter
+  once it has caught up (its log within ``PROMOTE_MAX_LAG`` entries of the commit index), and
+  removes every Raft member that left the book, one change at a time (PySyncObj allows no
+  more), and only when its whole log is applied, so that a book one entry behind the log
+  never undoes a change. A member added while unreachable stays a learner and costs the group
+  nothing;
 * every node keeps its transport's addresses in line with the book, remembers the members in
   ``cluster.json`` (a restarted node must know its partners before it applies a single entry,
   or it would elect itself alone), and switches to group timings once it has partners;
@@ -55,6 +58,9 @@ CHANGE_RETRY_S = 1.0
 REMOVED_GRACE_S = 3.0
 # A node in the book that heard no leader for REMOVED_GRACE_S asks the others this often.
 ASK_MEMBERS_EVERY_S = 2.0
+# A learner becomes a voter once the leader knows its log reaches this close to the commit
+# index (a learner's acknowledgements trail the leader by a round trip under load).
+PROMOTE_MAX_LAG = 64
 
 
 class NodeRemoved(BadRequest):
@@ -154,6 +160,8 @@ class Membership:
         for pid, addr in book.items():
             if pid in self._transport.members and self._transport.members[pid] != addr:
                 self._transport.add_member(pid, addr)
+        raft = set(self._colony.member_ids)
+        self._transport.set_learners({p: a for p, a in book.items() if p not in raft})
         if self._self not in book:
             self._leave_if_let_go()
             return
@@ -168,7 +176,7 @@ class Membership:
         if colony.last_applied < colony.log_end_index:
             return  # the book may be behind a membership entry still in the log
         raft = set(colony.member_ids)
-        to_add = sorted(set(book) - raft)
+        to_add = [p for p in sorted(set(book) - raft) if self._caught_up(p)]
         to_remove = sorted(raft - set(book) - {self._self})
         if to_add:
             pid = to_add[0]
@@ -181,6 +189,12 @@ class Membership:
         else:
             return
         self._replicator.kick()
+
+    def _caught_up(self, learner: str) -> bool:
+        match = self._colony.learner_match_index(learner)
+        return match is not None and match > 0 and (
+            self._colony.commit_index - match <= PROMOTE_MAX_LAG
+        )
 
     def _start_change(self, what: str) -> None:
         self._changing = what

@@ -117,8 +117,18 @@ _REQUIRED["snap_chunk"] = {"sid": _uint, "index": _uint, "part": _part, "offset"
                            "size": _uint, "data": _chunk}
 _REQUIRED["snap_ack"] = {"sid": _uint, "part": _part, "offset": _uint}
 
+# PreVote (node/raft_elections.py): before it stands for election, a member asks the others
+# whether they would vote for a log like its own; they say no while they hear a leader.
+PRE_VOTE_TYPES = frozenset({"pre_vote", "pre_vote_reply"})
+_REQUIRED["pre_vote"] = {"round": _uint, "last_log_index": _uint, "last_log_term": _uint}
+_REQUIRED["pre_vote_reply"] = {"round": _uint, "granted": _bool}
+
 # Every message type that is ours, not PySyncObj's: handled by the node, never by PySyncObj.
-OWN_TYPES = RELAY_TYPES | SNAPSHOT_TYPES
+OWN_TYPES = RELAY_TYPES | SNAPSHOT_TYPES | PRE_VOTE_TYPES
+
+# What a learner (a member that does not vote yet) may send: acknowledgements of the entries
+# it received, relayed writes, snapshot acknowledgements. Never a vote or a vote request.
+LEARNER_TYPES = frozenset({"next_node_idx", "snap_ack"}) | RELAY_TYPES
 
 
 def _entries(v: object) -> list[tuple[bytes, int, int]]:

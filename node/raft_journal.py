@@ -23,8 +23,9 @@ File format (``raft.journal``)::
 Opening stops at the first record that is cut off or fails its checksum (a crash in the middle
 of a write) and truncates the file there: everything before it is whole. The file is allocated
 ahead (``ALLOCATE_BYTES``); the zeros after the last record are not a record. Raft's persistent
-state (current term, vote, commit index) lives beside it in ``raft.meta`` (JSON); term and
-vote are synced before PySyncObj sends a message that depends on them.
+state (current term, vote, commit index, whether this node is a learner) lives beside it in
+``raft.meta`` (JSON); term and vote are synced before PySyncObj sends a message that depends on
+them.
 
 The entries are also kept in memory, as PySyncObj's own journal does; log compaction bounds
 them (``node/raft_replica.py`` compacts by size as well as by count). A journal written by
@@ -341,6 +342,15 @@ class DurableJournal(Journal):
     def getVotedForNodeId(self) -> str | None:  # noqa: N802
         vote = self._meta.get("votedForNodeId")
         return vote if isinstance(vote, str) else None
+
+    @property
+    def learner(self) -> bool:
+        """This node does not vote yet (node/raft_elections.py)."""
+        return self._meta.get("learner") is True
+
+    def set_learner(self, learner: bool) -> None:
+        self._meta["learner"] = learner
+        self._store_meta()
 
     def onOneSecondTimer(self) -> None:  # noqa: N802
         """The commit index is a hint for a restart (apply the journal before a leader is

@@ -57,6 +57,7 @@ from consensus.archive import ArchiveError
 from node.datadir import DataDir
 from node.pickle_guard import parse_membership_command, parse_version_command
 from node.raft_dump import decode_dump
+from node.raft_elections import ElectionRules
 from node.raft_journal import DurableJournal, SyncPolicy
 from node.raft_snapshots import SnapshotStore
 
@@ -202,15 +203,15 @@ def _error_results(batch: bytes, message: str) -> list[list[Any]]:
     return [[500, message] for _ in range(count)]
 
 
-class ReplicatedColony(SyncObj):
+class ReplicatedColony(ElectionRules, SyncObj):
     """One replica of the colony state: a PySyncObj node whose log carries msgpack batches.
 
     Never ticks by itself (``autoTick=False``): the owner calls ``doTick(0)``. Read the state
     through ``machine`` every time, since loading a snapshot replaces the object.
 
     ``joining=True`` is for the first start of a node that joins a running group: it starts
-    with the current members as partners and waits, without standing for election, until the
-    leader (which runs ``addNodeToCluster`` for it) contacts it.
+    with the current members as partners, as a learner (node/raft_elections.py) that never
+    stands for election, until the leader makes it a voter.
     """
 
     def __init__(
@@ -261,11 +262,6 @@ class ReplicatedColony(SyncObj):
         self._self_id = self_id
         self._fatal_error: str | None = None
         self._closed = False
-        # A node that joins a running group (the leader then runs addNodeToCluster for it)
-        # must not stand for election before it has heard from that group's leader: PySyncObj
-        # has no pre-vote, so its vote requests (a higher term, an empty log) would depose the
-        # leader the moment a session comes up. Cleared for good once a leader is known.
-        self._joining = joining
         self._refused_commands = 0
         self._installing = False
         self._timeouts = timeouts
@@ -285,12 +281,14 @@ class ReplicatedColony(SyncObj):
             self._install_machine,
             self._fail,
             self._snapshot_needed,
+            self._snapshot_members,
         )
         try:
             self._journal = DurableJournal(directory / JOURNAL_FILE, directory / META_FILE)
         except BaseException:
             self._release_dir()
             raise
+        self._init_elections(transport, learner=joining)
 
         conf = SyncObjConf(
             autoTick=False,
@@ -426,7 +424,11 @@ class ReplicatedColony(SyncObj):
 
     @property
     def member_ids(self) -> list[str]:
-        return sorted([self.selfNode.id, *(n.id for n in self.otherNodes)])
+        """The voting members (this node too, unless it is a learner)."""
+        voters = [n.id for n in self.otherNodes]
+        if not getattr(self, "_learner", False):
+            voters.append(self.selfNode.id)
+        return sorted(voters)
 
     @property
     def log_end_index(self) -> int:
@@ -518,6 +520,8 @@ class ReplicatedColony(SyncObj):
             "leader_commit_index": s["leader_commit_idx"],
             "has_quorum": s["has_quorum"],
             "members": self.member_ids,
+            "learner": self._learner,
+            "prevotes": dict(self.prevotes),
             "connected": sorted(
                 n.id for n in self.otherNodes if s.get(f"partner_node_status_server_{n.id}") == 2
             ),
@@ -602,21 +606,6 @@ class ReplicatedColony(SyncObj):
             return list(REFUSED_CHANGE)
         return request
 
-    def _SyncObj__connectedToAnyone(self) -> bool:
-        """PySyncObj's gate for starting an election; closed while joining (see __init__)."""
-        if self._joining:
-            if self._getLeader() is None:
-                return False
-            self._joining = False
-        return bool(SyncObj._SyncObj__connectedToAnyone(self))
-
-    @property
-    def joining(self) -> bool:
-        """True until this joining node has heard from a leader (see __init__)."""
-        if self._joining and getattr(self, "_SyncObj__raftLeader", None) is not None:
-            self._joining = False
-        return self._joining
-
     @property
     def refused_commands(self) -> int:
         """MEMBERSHIP/VERSION commands refused or ignored (malformed or not allowed)."""
@@ -685,6 +674,7 @@ class ReplicatedColony(SyncObj):
         at the snapshot, and the leader learns where this log now ends."""
         self._snapshots.prepare(machine, data)
         self._SyncObj__loadDumpFile(clearJournal=True)
+        self._loaded_members(data["members"])
         self.make_durable()
         self._installing = False
         # Ticks were off: do not stand for election on a timer that ran meanwhile.
@@ -697,6 +687,8 @@ class ReplicatedColony(SyncObj):
     def _SyncObj__onMessageReceived(self, node: Node, message: Any) -> None:  # noqa: ANN401
         if self._installing:
             return  # resent once this node has told the leader where its log ends
+        if message["type"] == "append_entries" and message["term"] >= self.term:
+            self._heard_leader()  # PySyncObj takes it as from the leader (PreVote)
         SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     # --- shutdown ----------------------------------------------------------------------------

@@ -83,11 +83,13 @@ class SnapshotStore:
         install: Callable[[Any, int], None],
         failed: Callable[[str], None],
         needed: Callable[[Node], None],
+        members: Callable[[set[Node]], list[str]],
     ) -> None:
         """``machine()`` is the replica's current state machine; ``install(machine, index)``
         makes a restored machine the replica's; ``failed(why)`` when a dump cannot be loaded
         (PySyncObj would log it and go on with a log that starts after the snapshot);
-        ``needed(node)`` when a follower is behind the log and needs a snapshot."""
+        ``needed(node)`` when a follower is behind the log and needs a snapshot;
+        ``members(cluster)``: the member ids to record of PySyncObj's view."""
         self.path = path
         self._failed = failed
         self.tmp = path.with_name(path.name + ".tmp")
@@ -98,6 +100,7 @@ class SnapshotStore:
         self.snapshot_index = 0  # the index of the dump on disk
         self.dumps = 0
         self._needed = needed
+        self._members = members
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -106,7 +109,7 @@ class SnapshotStore:
         if self._job is not None:
             return
         _none, last, prev, cluster = data
-        members = sorted(n.id for n in cluster)
+        members = self._members(cluster)
         machine = self._machine()
         gc.freeze()
         try:

@@ -31,11 +31,16 @@ not know our address: a node added with ``addNodeToCluster`` and no ``addr``). W
 sessions exist, both ends keep the one the smaller id initiated (the same rule on both ends,
 so they agree without talking); a newer session from the same initiator replaces the old one
 (the initiator only dials when it has none, so it thinks the old one dead). Inbound streams
-from peer ids not on the member list are reset before a byte is read. The accepting end
+from peer ids on neither list are reset before a byte is read. The accepting end
 writes a heartbeat frame first and the dialing end counts its session as up only once that
 arrived, so a dialer that is refused (not yet a member over there) never reports the peer
 connected, even for a moment. Each dial attempt is bounded by ``DIAL_TIMEOUT_S``; failed
 attempts retry every 0.3-0.5 s until cancelled.
+
+Learners (``set_learners``): members that get the log but do not vote yet
+(node/raft_elections.py). Their sessions are PySyncObj's read-only nodes
+(``_onReadonlyNodeConnected``), and a learner may only send ``LEARNER_TYPES``; a learner that
+PySyncObj makes a voter (``addNode``) keeps its session.
 
 Hung peers: a stream notices a dead peer (EOF) but never a hung one. Each writer sends a
 heartbeat frame after ``HEARTBEAT_S`` without a write, and a reader that hears nothing for
@@ -61,6 +66,7 @@ from pysyncobj.transport import Transport
 from node.raft_codec import (
     HEARTBEAT,
     HEARTBEAT_FRAME,
+    LEARNER_TYPES,
     OWN_TYPES,
     RAFT_MAX_FRAME_BYTES,
     RELAY_TYPES,
@@ -128,6 +134,7 @@ class _Session:
     queued_bytes: int = 0
     current: bool = False
     silent: bool = False  # ended because the peer stopped sending (hung, or a silent network)
+    learner: bool = False  # the peer does not vote (yet): PySyncObj knows it as read-only
 
 
 class RateLimitedLog:
@@ -198,6 +205,7 @@ class RaftTransport(Transport):
         self._kick: Callable[[], None] = lambda: None
 
         self._members: dict[str, str | None] = {}
+        self._learners: dict[str, str | None] = {}  # members that do not vote yet
         self._nodes: dict[str, Node] = {}
         self._sessions: dict[str, _Session] = {}  # the current session per peer
         self._live: set[_Session] = set()
@@ -240,8 +248,20 @@ class RaftTransport(Transport):
 
     @property
     def members(self) -> dict[str, str | None]:
-        """The allow-list: peer id -> address (None: not known, it must dial us)."""
+        """The voting members: peer id -> address (None: not known, it must dial us)."""
         return dict(self._members)
+
+    @property
+    def learners(self) -> dict[str, str | None]:
+        """Members that do not vote yet (``set_learners``)."""
+        return dict(self._learners)
+
+    def is_peer(self, peer: str) -> bool:
+        """On the allow-list: a voting member or a learner."""
+        return peer in self._members or peer in self._learners
+
+    def _addr(self, peer: str) -> str | None:
+        return self._members[peer] if peer in self._members else self._learners.get(peer)
 
     @property
     def connected(self) -> list[str]:
@@ -251,13 +271,14 @@ class RaftTransport(Transport):
     def last_heard(self) -> dict[str, float]:
         """Seconds since each member last sent us anything (a heartbeat counts)."""
         now = time.monotonic()
-        return {p: round(now - t, 3) for p, t in self._last_heard.items() if p in self._members}
+        return {p: round(now - t, 3) for p, t in self._last_heard.items() if self.is_peer(p)}
 
     def stats(self) -> dict[str, Any]:
         return {
             **self.counters,
             **self._layer.stats(),
             "members": sorted(self._members),
+            "learners": sorted(self._learners),
             "connected": self.connected,
             "queued_bytes": {p: s.queued_bytes for p, s in sorted(self._sessions.items())},
         }
@@ -283,11 +304,38 @@ class RaftTransport(Transport):
         self._remove(peer_id)
         self._members_changed()
 
+    def set_learners(self, learners: Mapping[str, str | None]) -> None:
+        """Replace the learners: members that get the log but do not vote (node/membership.py).
+        PySyncObj knows them as read-only nodes (append-entries, no vote, not counted toward
+        a commit), and what they send is limited to ``LEARNER_TYPES``. A learner that
+        PySyncObj makes a voter (``addNode``) leaves this list and keeps its session."""
+        wanted: dict[str, str | None] = {}
+        for peer, addr in learners.items():
+            if isinstance(peer, str) and peer and peer != self.self_id and peer not in self._members:
+                wanted[peer] = None if addr is None else self._layer.check_addr(peer, addr)
+        gone = [p for p in self._learners if p not in wanted]
+        if not gone and wanted == self._learners:
+            return
+        for peer in gone:
+            self._drop_peer(peer)
+        self._learners = wanted
+        for peer in wanted:
+            self._ensure_dialer(peer)
+        self._notify_change()
+
     def _add(self, peer: str, addr: str | None, *, override: bool) -> None:
         if not isinstance(peer, str) or not peer or peer == self.self_id:
             return
         if addr is not None:
             addr = self._layer.check_addr(peer, addr)
+        if peer in self._learners:
+            # Promoted: PySyncObj has made it a voter (node/raft_elections.py moved it out of
+            # its read-only nodes); the session goes on.
+            known = self._learners.pop(peer)
+            addr = addr if addr is not None else known
+            session = self._sessions.get(peer)
+            if session is not None:
+                session.learner = False
         if peer not in self._members or (override and addr is not None) or (
             self._members[peer] is None and addr is not None
         ):
@@ -297,13 +345,17 @@ class RaftTransport(Transport):
 
     def _remove(self, peer: str) -> None:
         self._members.pop(peer, None)
+        self._learners.pop(peer, None)
+        self._drop_peer(peer)
+        self._notify_change()
+
+    def _drop_peer(self, peer: str) -> None:
         session = self._sessions.get(peer)
         if session is not None:
             self._end_session(session)
         scope = self._dialers.pop(peer, None)
         if scope is not None:
             scope.cancel()
-        self._notify_change()
 
     def _members_changed(self) -> None:
         hook = self._on_members_changed
@@ -472,7 +524,7 @@ class RaftTransport(Transport):
                 self._nursery = nursery
                 self._running = True
                 self._layer.listen(self._accept)
-                for peer in list(self._members):
+                for peer in [*self._members, *self._learners]:
                     self._ensure_dialer(peer)
                 task_status.started()
                 await trio.sleep_forever()
@@ -513,13 +565,15 @@ class RaftTransport(Transport):
         with scope:
             try:
                 while True:
-                    addr = self._members.get(peer)
+                    if not self.is_peer(peer):
+                        return
+                    addr = self._addr(peer)
                     if peer in self._sessions or addr is None:
                         await self._changed.wait()
                         continue
                     if self.self_id > peer and not await self._smaller_did_not_dial(peer):
                         continue
-                    addr = self._members.get(peer)
+                    addr = self._addr(peer)
                     if addr is None or peer in self._sessions:
                         continue
                     opened = await self._attempt(peer, addr)
@@ -580,7 +634,7 @@ class RaftTransport(Transport):
 
     async def _accept(self, peer: str, stream: Any) -> None:
         """An inbound stream from ``peer`` (already authenticated by the caller)."""
-        if not self._running or peer == self.self_id or peer not in self._members:
+        if not self._running or peer == self.self_id or not self.is_peer(peer):
             self.counters["inbound_refused"] += 1
             self._warn.warning("refused", "refused a raft stream from non-member %s", peer)
             await _reset(stream)
@@ -607,12 +661,12 @@ class RaftTransport(Transport):
         early: list[bytes] | None = None,
     ) -> None:
         send, recv = trio.open_memory_channel[bytes](MAX_QUEUED_FRAMES)
-        session = _Session(peer, stream, initiator, send, recv)
+        session = _Session(peer, stream, initiator, send, recv, learner=peer in self._learners)
         old = self._sessions.get(peer)
         if (
             not self._running
             or self._destroyed
-            or peer not in self._members
+            or not self.is_peer(peer)
             or (old is not None and not self._prefer(session, old))
         ):
             self.counters["duplicate_sessions"] += old is not None
@@ -632,7 +686,10 @@ class RaftTransport(Transport):
                     "raft session with %s up (initiator %s)", peer, initiator, extra={"peer": peer}
                 )
                 if old is None:
-                    self._callback(self._onNodeConnected, self._node(peer))
+                    connected = (
+                        self._onReadonlyNodeConnected if session.learner else self._onNodeConnected
+                    )
+                    self._callback(connected, self._node(peer))
                 if self._session_handler is not None:
                     self._callback(self._session_handler, peer)
                 self._notify_change()
@@ -670,7 +727,10 @@ class RaftTransport(Transport):
             del self._sessions[session.peer]
         if not replaced:
             log.info("raft session with %s down", session.peer, extra={"peer": session.peer})
-            self._callback(self._onNodeDisconnected, self._node(session.peer))
+            disconnected = (
+                self._onReadonlyNodeDisconnected if session.learner else self._onNodeDisconnected
+            )
+            self._callback(disconnected, self._node(session.peer))
             self._notify_change()
             self._kick()
 
@@ -756,7 +816,7 @@ class RaftTransport(Transport):
                 if not session.current or self._destroyed:
                     ok = False
                     break
-                delivered |= self._deliver(node, body)
+                delivered |= self._deliver(node, body, session.learner)
         finally:
             self._holding_acks = False
             acks, self._held_acks = self._held_acks, []
@@ -766,11 +826,13 @@ class RaftTransport(Transport):
             self._kick()
         return ok
 
-    def _deliver(self, node: Node, body: bytes) -> bool:
+    def _deliver(self, node: Node, body: bytes, learner: bool) -> bool:
         """True when PySyncObj got a message (it acts on it in its next tick); relays go to
         the replicator, which wakes its own proposer."""
         try:
             message = decode_raft_message(body)
+            if learner and message["type"] not in LEARNER_TYPES:
+                raise RaftMessageRefused(f"a learner may not send {message['type']}")
         except RaftMessageRefused as e:
             self.counters["messages_refused"] += 1
             if "transmission" in str(e):

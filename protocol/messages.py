@@ -209,6 +209,7 @@ MAX_LOG_LINE_BYTES = 4096
 MAX_LOG_LINES = 1000
 MAX_LOG_COUNT = 500  # lines per getlogsmsg reply, as Colonies
 MAX_LOG_WAIT_S = 60
+MAX_MEMBER_WAIT_S = 600  # how long an addmembermsg reply may wait for the member to vote
 MAX_FUNCTION_DESCRIPTION = 1024
 MAX_FUNCTION_ARGS = 64
 # Executor staleness, per colony: 0 = off, else seconds in [MIN, MAX].
@@ -430,7 +431,12 @@ MESSAGES: dict[str, MessageType] = {
         _m(
             "addmembermsg",
             True,
-            {"peerid": F("str", True, check=peer_id), "addr": F("str", True, check=multiaddr)},
+            {
+                "peerid": F("str", True, check=peer_id),
+                "addr": F("str", True, check=multiaddr),
+                # Seconds the reply waits for the new member to become a voter (node side).
+                "wait": F("int", default=0, check=between(0, MAX_MEMBER_WAIT_S)),
+            },
         ),
         _m("removemembermsg", True, {"peerid": F("str", True, check=peer_id)}),
         # Attributes.

@@ -21,7 +21,10 @@ import pytest
 import trio
 
 from node.client import Client
-from protocol.errors import ColoniesError, NotFound
+from node.p2p import peer_id_of
+from node.raft_replica import GROUP_TIMEOUTS
+from protocol.errors import BadRequest, ColoniesError, NotFound
+from protocol.identity import PrivateKey
 from protocol.messages import SUCCESS
 from tests.cluster_harness import (
     ClusterColony,
@@ -29,6 +32,7 @@ from tests.cluster_harness import (
     LocalCluster,
     NodeProc,
     add_test_colony,
+    free_port,
     submit,
     vector_key,
     wait_for,
@@ -324,6 +328,42 @@ async def test_a_paused_leader_is_replaced_and_follows_when_it_resumes(shared: S
         await assert_converged(shared)
 
 
+async def test_a_paused_follower_does_not_depose_the_leader_when_it_resumes(
+    shared: Shared,
+) -> None:
+    """PreVote (node/raft_elections.py): the resumed follower's election timer has long run
+    out, but the others still hear the leader and refuse its pre-vote; no election."""
+    c = shared.cluster
+    with c.logs_on_failure():
+        leader = await healthy(shared)
+        term = (await c.info(leader) or {})["raft"]["term"]
+        victim = followers(c, leader)[0]
+        victim.signal(signal.SIGSTOP)
+        try:
+            # Past its election timeout and the sessions' silence limit (3 s) alike.
+            await trio.sleep(GROUP_TIMEOUTS.max_timeout * 3)
+        finally:
+            victim.signal(signal.SIGCONT)
+        await c.wait_caught_up()
+        for n in c.running:
+            raft = (await c.info(n) or {})["raft"]
+            assert raft["term"] == term, f"{n.name} moved to term {raft['term']} from {term}"
+        assert await c.wait_leader() is leader
+
+
+async def test_adding_an_unreachable_member_fails_and_changes_nothing(shared: Shared) -> None:
+    c = shared.cluster
+    with c.logs_on_failure():
+        leader = await healthy(shared)
+        nobody = peer_id_of(PrivateKey.generate()).to_string()
+        addr = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{nobody}"
+        async with c.client_on(followers(c, leader)[0]) as admin:
+            book = (await admin.server_info_fresh())["members"]
+            with pytest.raises(BadRequest, match="cannot reach the new member"):
+                await admin.add_member(nobody, addr, wait=5)
+            assert (await admin.server_info_fresh())["members"] == book
+
+
 async def test_stop_all_and_start_again_keeps_every_acknowledged_write(shared: Shared) -> None:
     c = shared.cluster
     with c.logs_on_failure():
@@ -357,7 +397,7 @@ async def test_a_fourth_node_joins_and_a_removed_member_stops_for_good(shared: S
         n4 = c.add_node()
         n4.start(join=followers(c, leader)[0].addr)
         await n4.wait_ready()
-        everyone = {n.peer_id for n in c.nodes}
+        everyone = {n.peer_id for n in c.nodes if n.name not in shared.removed}
 
         async def four_members() -> bool:
             for n in c.nodes:
@@ -367,6 +407,8 @@ async def test_a_fourth_node_joins_and_a_removed_member_stops_for_good(shared: S
             return True
 
         await wait_for(four_members, CONVERGE_S, "four members in every node's raft group")
+        # It got the log as a learner first, and was made a voter once it had caught up.
+        assert "this node is a voter" in n4.log_text(), n4.tail()
         colony = await new_colony(shared, n4, "joined")  # writes through the new node
         async with c.client_on(n4, colony.executor) as client:
             shared.ack(colony, await submit(client, colony, 1, UNUSED_TYPE))

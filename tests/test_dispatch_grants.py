@@ -4,6 +4,7 @@ waiter that can be granted a slot, and a refused assign hands its slot on."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ class FakeLog:
 
     def __init__(self) -> None:
         self.machine = FakeMachine()
+        self.colony = SimpleNamespace(installing=False, last_applied=0)
         self.applied_generation = 0
         self.listeners: list[Callable[[], None]] = []
         self.proposed: list[str] = []

@@ -13,6 +13,7 @@ from pysyncobj import FAIL_REASON
 
 from node.membership import (
     MEMBERS_FILE,
+    PROMOTE_MAX_LAG,
     Membership,
     NodeRemoved,
     check_not_removed,
@@ -37,9 +38,14 @@ class FakeColony:
         self.member_ids = sorted(members)
         self.is_leader = True
         self.leader_id: str | None = self_id
-        self.last_applied = self.log_end_index = 10
+        self.last_applied = self.log_end_index = self.commit_index = 10
         self.changes: list[tuple[str, str, Any]] = []
         self.timeouts: Any = None
+        # The leader's view of each learner's log (absent: no session with it).
+        self.learner_match: dict[str, int] = {}
+
+    def learner_match_index(self, pid: str) -> int | None:
+        return self.learner_match.get(pid)
 
     def addNodeToCluster(self, node: Any, callback: Any) -> None:  # noqa: N802 (PySyncObj's name)
         self.changes.append(("add", node.id, callback))
@@ -55,7 +61,11 @@ class FakeColony:
 class FakeTransport:
     def __init__(self, members: dict[str, str | None]) -> None:
         self.members = dict(members)
+        self.learners: dict[str, str | None] = {}
         self.heard: dict[str, float] = {}  # seconds since each member last sent anything
+
+    def set_learners(self, learners: dict[str, str | None]) -> None:
+        self.learners = dict(learners)
 
     def last_heard(self) -> dict[str, float]:
         return self.heard
@@ -93,6 +103,7 @@ def keeper(tmp_path: Path, book: dict[str, str], raft: list[str], me: str = A) -
 
 def test_the_leader_adds_book_members_one_change_at_a_time(tmp_path: Path) -> None:
     m, colony, _, _ = keeper(tmp_path, {A: addr(A), B: addr(B), C: addr(C)}, [A])
+    colony.learner_match = {B: 10, C: 10}
     m.check()
     m.check()  # the first change is still in flight: no second one
     first, second = sorted([B, C])
@@ -107,8 +118,34 @@ def test_the_leader_adds_book_members_one_change_at_a_time(tmp_path: Path) -> No
     assert [c[:2] for c in colony.changes] == [("add", first), ("add", second)]
 
 
+def test_book_members_outside_the_group_are_learners_until_caught_up(tmp_path: Path) -> None:
+    m, colony, transport, _ = keeper(tmp_path, {A: addr(A), B: addr(B), C: addr(C)}, [A, B])
+    m.check()
+    assert transport.learners == {C: addr(C)}  # every node lets it in, without a vote
+    assert colony.changes == []  # no session with the leader yet
+    colony.learner_match[C] = 0
+    colony.commit_index = 500
+    m.check()
+    assert colony.changes == []
+    colony.learner_match[C] = 500 - PROMOTE_MAX_LAG - 1
+    m.check()
+    assert colony.changes == []  # still behind
+    colony.learner_match[C] = 500 - PROMOTE_MAX_LAG
+    m.check()
+    assert [c[:2] for c in colony.changes] == [("add", C)]
+
+
+def test_a_follower_lets_learners_in_but_promotes_nobody(tmp_path: Path) -> None:
+    m, colony, transport, _ = keeper(tmp_path, {A: addr(A), B: addr(B), C: addr(C)}, [A, B])
+    colony.is_leader = False
+    colony.learner_match[C] = 10
+    m.check()
+    assert transport.learners == {C: addr(C)} and colony.changes == []
+
+
 def test_a_failed_change_is_retried_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m, colony, _, _ = keeper(tmp_path, {A: addr(A), B: addr(B)}, [A])
+    colony.learner_match[B] = 10
     clock = [100.0]
     monkeypatch.setattr("node.membership.time.monotonic", lambda: clock[0])
     m.check()

@@ -205,7 +205,7 @@ async def test_add_a_fourth_node_then_remove_one(tmp_path):
         # standing for election.
         n4 = await c.start("n4", [*IDS, "n4"], joining=True)
         await trio.sleep(0.5)
-        assert n4.colony.joining and n4.transport.connected == []
+        assert n4.colony.learner and n4.transport.connected == []
         assert leader_of(c.live()[:3]) is leader  # n4's attempts disturbed nobody
 
         done: list[int] = []
@@ -214,7 +214,7 @@ async def test_add_a_fourth_node_then_remove_one(tmp_path):
         await wait_until(lambda: bool(done), 5, "addNodeToCluster")
         assert done == [FAIL_REASON.SUCCESS]
         await wait_until(lambda: converged(c.live(), 5), 10, "n4 to catch up")
-        assert not n4.colony.joining
+        assert not n4.colony.learner
         assert leader_of(c.live()) is leader
         assert sorted(leader.colony.member_ids) == ["n1", "n2", "n3", "n4"]
         assert "n4" in leader.transport.members and leader.transport.members["n4"] is None
@@ -310,3 +310,93 @@ async def test_a_follower_behind_the_compacted_log_installs_a_snapshot(tmp_path)
         assert back.snapshots.counters["installed"] == 1
         assert not (back.data_dir / "install").exists()
         assert not list((leader.data_dir / "outbox").iterdir())  # its copies are gone
+
+
+async def test_a_learner_gets_the_log_without_a_vote_until_it_is_promoted(tmp_path):
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        for i in range(5):
+            assert (await leader.put(i))[0] == 200
+
+        def let_in(nodes):  # what node/membership.py does for a member book entry
+            for n in nodes:
+                n.transport.set_learners({"n4": c.network.address("n4")})
+
+        let_in(c.live())
+        n4 = await c.start("n4", [*IDS, "n4"], joining=True)
+        await wait_until(lambda: converged(c.live(), 5), 10, "the learner to get the log")
+        assert n4.colony.learner and "n4" not in leader.colony.member_ids
+        await wait_until(
+            lambda: leader.colony.learner_match_index("n4") == leader.colony.commit_index,
+            5,
+            "the leader to hear the learner's acknowledgement",
+        )
+
+        # What a learner may send is limited: a vote request is dropped unread.
+        refused = leader.transport.counters["messages_refused"]
+        bump = {"type": "request_vote", "term": 99, "last_log_index": 99, "last_log_term": 99}
+        assert n4.transport.send_to(leader.id, bump)
+        await wait_until(
+            lambda: leader.transport.counters["messages_refused"] == refused + 1, 5, "the refusal"
+        )
+        assert leader.colony.is_leader and leader.colony.term < 99
+
+        # It does not count toward a majority: with it and one voter down, two of the three
+        # voters still commit (as a fourth voter it would have left 2 of 4: no majority).
+        follower = next(n for n in c.live() if n not in (leader, n4))
+        await n4.kill()
+        await follower.kill()
+        assert (await leader.put(5))[0] == 200
+
+        follower = await c.start(follower.id, IDS)
+        let_in([follower])
+        n4 = await c.start("n4", [*IDS, "n4"])
+        assert n4.colony.learner  # it remembers (raft.meta)
+        await wait_until(lambda: converged(c.live(), 6), 10, "both to catch up")
+        assert n4.transport.counters["messages_refused"] == 0
+        refused_before = sum(n.transport.counters["messages_refused"] for n in c.live())
+
+        done: list[int] = []
+        leader.colony.addNodeToCluster(Node("n4"), callback=lambda _r, err: done.append(err))
+        leader.replicator.kick()
+        await wait_until(lambda: bool(done), 5, "the promotion")
+        assert done == [FAIL_REASON.SUCCESS]
+        await wait_until(lambda: not n4.colony.learner, 5, "n4 to learn it votes")
+        assert sorted(leader.colony.member_ids) == ["n1", "n2", "n3", "n4"]
+        assert all(n.transport.learners == {} for n in c.live())
+        assert (await n4.put(6))[0] == 200
+        await wait_until(lambda: converged(c.live(), 7), 5, "the write through n4")
+        # Its messages count as a voter's now (a learner's votes would have been refused).
+        assert sum(n.transport.counters["messages_refused"] for n in c.live()) == refused_before
+
+
+async def test_a_follower_cut_off_for_a_while_does_not_depose_the_leader(tmp_path):
+    """PreVote: the cut follower's election timer runs out again and again, but the others
+    still hear the leader and refuse; its term never rises, so its return changes nothing."""
+    async with cluster(tmp_path) as c:
+        leader = await c.leader()
+        term = leader.colony.term
+        cut = next(n for n in c.live() if n is not leader)
+        before = dict(cut.colony.prevotes)  # the first election had pre-votes too
+        # Silent: the sessions stay up until their heartbeat timeout, so the follower, which
+        # hears nothing, asks for pre-votes (PySyncObj never campaigns connected to no one).
+        c.network.isolate(cut.id, silent=True)
+        for i in range(5):
+            assert (await leader.put(i))[0] == 200
+        await trio.sleep(TIMEOUTS.max_timeout * 4)
+        asked = cut.colony.prevotes["asked"]
+        assert asked > before["asked"] and cut.colony.prevotes["won"] == before["won"]
+        assert cut.colony.term == term
+
+        c.network.heal()
+        await wait_until(lambda: converged(c.live(), 5), 10, "the follower to catch up")
+        # Some pre-votes were asked over the healed network and refused by a member that
+        # hears the leader.
+        await wait_until(
+            lambda: sum(n.colony.prevotes["refused"] for n in c.live()) > 0
+            or cut.colony.prevotes["asked"] == asked,
+            5,
+            "the pre-votes after the heal",
+        )
+        assert leader_of(c.live()) is leader and leader.colony.term == term
+        assert all(n.colony.term == term for n in c.live())

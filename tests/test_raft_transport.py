@@ -238,7 +238,7 @@ def test_a_joining_node_does_not_stand_for_election(tmp_path):
         while time.monotonic() < deadline:
             colony.doTick(0)
             time.sleep(0.005)
-        assert colony.term == 0 and colony.joining
+        assert colony.term == 0 and colony.learner
     finally:
         colony.close()
 
