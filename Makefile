@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench chaos clean
+.PHONY: dev test lint bench bench-scale chaos clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python simulations/bench.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python simulations/bench_scale.py $(ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/python simulations/chaos.py $(ARGS)

@@ -10,7 +10,6 @@ created in the data dir on the first start. The node prints its full multiaddr w
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import resource
@@ -21,6 +20,7 @@ import trio
 
 from cli.errors import describe, first_error
 from cli.logs import LOG_FORMATS, setup_logging
+from node import gc_control
 from node.daemon import ColonyNode, NodeConfig
 from node.libp2p_patches import ConnectionLimits
 from node.raft_journal import SyncPolicy
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     # private; node/datadir.py also creates its files 0600 and tightens an existing dir.
     os.umask(0o077)
     setup_logging(args.log_level, args.log_format)
+    gc_control.tune()
     config = NodeConfig(
         data_dir=args.data_dir,
         listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
@@ -161,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         node = ColonyNode(config)
         async with trio.open_nursery() as n:
             await n.start(node.run)
-            # The replica is a large, long-lived object graph: keep what exists at start-up
-            # out of the collector's full passes, and make those rarer (each was tens of ms).
-            gc.freeze()
-            gc.set_threshold(50_000, 20, 100)
+            gc_control.freeze()  # the state loaded at start is long-lived (node/gc_control.py)
             for addr in node.addrs:
                 print(f"colonyd ready: {addr}", flush=True)
 

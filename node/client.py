@@ -370,10 +370,20 @@ class Client:
         return await self.call("getprocessmsg", {"processid": process_id})
 
     async def processes(
-        self, colonyname: str, state: int = -1, count: int = 100, executortype: str = ""
+        self,
+        colonyname: str,
+        state: int = -1,
+        count: int = 100,
+        executortype: str = "",
+        *,
+        before: tuple[int, str] | None = None,
     ) -> list[dict]:
-        body = {"colonyname": colonyname, "state": state, "count": count}
+        """Unfinished processes in submission order, then finished ones newest first. The
+        next page of finished ones: `before=(endtime, processid)` of the last one shown."""
+        body: dict[str, Any] = {"colonyname": colonyname, "state": state, "count": count}
         body["executortype"] = executortype
+        if before is not None:
+            body["beforetime"], body["beforeid"] = before
         return await self.call("getprocessesmsg", body)
 
     async def waiting(self, colonyname: str, count: int = 100) -> list[dict]:

@@ -54,6 +54,7 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.transport import Transport
 
 from consensus.archive import ArchiveError
+from node import gc_control
 from node.datadir import DataDir
 from node.pickle_guard import parse_membership_command, parse_version_command
 from node.raft_dump import decode_dump
@@ -517,6 +518,8 @@ class ReplicatedColony(ElectionRules, SyncObj):
             "last_applied": s["last_applied"],
             "log_len": s["log_len"],
             "snapshot_index": self.snapshot_index,
+            "snapshots": self._snapshots.dumps,
+            "snapshot_s": round(self._snapshots.last_seconds, 3),
             "leader_commit_index": s["leader_commit_idx"],
             "has_quorum": s["has_quorum"],
             "members": self.member_ids,
@@ -665,9 +668,9 @@ class ReplicatedColony(ElectionRules, SyncObj):
         built in a worker thread while the event loop goes on (nothing else touches the
         machine while installing)."""
         self._machine.reopen_history()
-        with open(self._data_dir / DUMP_FILE, "rb") as f:
+        with open(self._data_dir / DUMP_FILE, "rb") as f, gc_control.bulk_load():
             data = decode_dump(f.read())
-        return self._machine.restored(data["machine"], data["last"][1]), data
+            return self._machine.restored(data["machine"], data["last"][1]), data
 
     def finish_install(self, machine: StateMachine, data: dict[str, Any], leader: str) -> None:
         """Take the state over as PySyncObj takes a snapshot it received: the journal starts

@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from typing import Any
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import Node
 
+from node import gc_control
 from node.datadir import FILE_MODE, sync_dir
 from node.raft_dump import decode_dump, encode_dump
 
@@ -60,6 +62,7 @@ class _Job:
     def __init__(self, index: int, pid: int, machine: Any) -> None:  # noqa: ANN401
         self.index = index
         self.pid = pid
+        self.started = time.monotonic()
         self.child_ok = False
         self.sync_error: BaseException | None = None
         self.sync = threading.Thread(
@@ -99,6 +102,7 @@ class SnapshotStore:
         self._prepared: tuple[Any, dict[str, Any]] | None = None
         self.snapshot_index = 0  # the index of the dump on disk
         self.dumps = 0
+        self.last_seconds = 0.0  # how long the last snapshot took, start to moved in place
         self._needed = needed
         self._members = members
 
@@ -111,11 +115,11 @@ class SnapshotStore:
         _none, last, prev, cluster = data
         members = self._members(cluster)
         machine = self._machine()
-        gc.freeze()
+        gc_control.pause()  # until the child is done (node/gc_control.py)
         try:
             pid = os.fork()
         except OSError as e:
-            gc.unfreeze()
+            gc_control.resume()
             log.error("cannot fork to write the raft snapshot at %d: %s", index, e)
             return
         if pid == 0:
@@ -137,7 +141,7 @@ class SnapshotStore:
                 return SERIALIZER_STATE.SERIALIZING, job.index
             job.pid = 0
             job.child_ok = status == 0
-            gc.unfreeze()
+            gc_control.resume()
         if job.sync.is_alive():
             return SERIALIZER_STATE.SERIALIZING, job.index
         self._job = None
@@ -153,6 +157,7 @@ class SnapshotStore:
             return SERIALIZER_STATE.FAILED, job.index
         self.snapshot_index = job.index
         self.dumps += 1
+        self.last_seconds = time.monotonic() - job.started
         return SERIALIZER_STATE.SUCCESS, job.index
 
     @property
@@ -173,9 +178,9 @@ class SnapshotStore:
             self._prepared = None
         else:
             try:
-                with open(self.path, "rb") as f:
+                with open(self.path, "rb") as f, gc_control.bulk_load():
                     data = decode_dump(f.read())
-                machine = self._machine().restored(data["machine"], data["last"][1])
+                    machine = self._machine().restored(data["machine"], data["last"][1])
             except Exception as e:
                 self._failed(f"cannot load raft dump {self.path}: {e}")
                 raise
@@ -209,7 +214,7 @@ class SnapshotStore:
                 os.waitpid(job.pid, 0)
             except ChildProcessError:
                 pass
-            gc.unfreeze()
+            gc_control.resume()
         if job is not None:
             job.sync.join()
         self._job = None

@@ -586,7 +586,7 @@ async def lifecycle(args: argparse.Namespace, n_executors: int, n_nodes: int) ->
 
 def batching(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What node_probe counted during the measured phase."""
-    d = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "hist"}
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after if k not in ("hist", "lags")}
 
     def per(a: str, b: str) -> float | None:
         return round(d[a] / d[b], 2) if d.get(b) else None

@@ -11,8 +11,11 @@ Runs `cli.daemon.main` unchanged, with thin wrappers (no behaviour change) aroun
 - RaftTransport.send: Raft messages sent, by type;
 - ColonyMachine.apply: applied commands by op, and the refused ones by op and error;
 - the garbage collector: collections and their pauses per generation;
-- ReplicatedColony._write_dump: snapshots written (log compaction), and how long they took
-  (they run inline in the node's trio thread).
+- SnapshotStore.serialize: snapshots started (log compaction), and how long the part in the
+  node's trio thread took (the fork; a child process writes the dump);
+- LoopMonitor.record: every event-loop lag of LAG_KEPT_S or more, with its wall-clock time
+  (`lags`: [[unix seconds, ms], ...], the last MAX_LAGS), so a benchmark can take the worst
+  one within a phase it timed.
 The counters are written as JSON to --stats-file at exit, and whenever the file
 `<stats-file>.dump` appears (then deleted), so a benchmark can take a snapshot around its
 measured phase. --cprofile writes a cProfile of the whole run at exit (slows the node ~2x).
@@ -27,17 +30,22 @@ import json
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 import node.replicator as replicator_mod
 import node.rpc_server as rpc_mod
+from node.loop_monitor import LoopMonitor
 from node.raft_replica import ReplicatedColony
+from node.raft_snapshots import SnapshotStore
 
 COUNTERS: Counter[str] = Counter()
 # The Raft transports of this node (their own counters include libp2p writes).
 TRANSPORTS: list[Any] = []
+LAG_KEPT_S = 0.005
+MAX_LAGS = 20000
+LAGS: deque[tuple[float, float]] = deque(maxlen=MAX_LAGS)
 HIST: dict[str, Counter[int]] = {"req_per_frame": Counter(), "replies_per_frame": Counter(),
                                  "cmds_per_entry": Counter()}
 
@@ -47,7 +55,8 @@ def install() -> None:
     encode_replies = rpc_mod.encode_replies
     pack_batch = replicator_mod.pack_batch
     do_tick = ReplicatedColony.doTick
-    write_dump = ReplicatedColony._write_dump
+    serialize = SnapshotStore.serialize
+    record = LoopMonitor.record
 
     def counted_decode(body: bytes) -> Any:
         items = decode_requests(body)
@@ -72,15 +81,20 @@ def install() -> None:
         COUNTERS["ticks"] += 1
         return do_tick(self, *a, **kw)
 
-    def timed_dump(self: ReplicatedColony, *a: Any, **kw: Any) -> Any:
+    def timed_serialize(self: SnapshotStore, *a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
         try:
-            return write_dump(self, *a, **kw)
+            return serialize(self, *a, **kw)
         finally:
             ms = (time.perf_counter() - t) * 1000
             COUNTERS["dumps"] += 1
             COUNTERS["dump_ms_total"] += round(ms, 3)
             COUNTERS["dump_ms_max"] = max(COUNTERS["dump_ms_max"], round(ms, 3))
+
+    def kept_record(self: LoopMonitor, lag: float, now: float | None = None) -> None:
+        if lag >= LAG_KEPT_S:
+            LAGS.append((round(time.time(), 3), round(lag * 1000, 1)))
+        record(self, lag, now)
 
     from consensus.machine import ColonyMachine
 
@@ -134,7 +148,8 @@ def install() -> None:
     rpc_mod.encode_replies = counted_encode
     replicator_mod.pack_batch = counted_pack
     ReplicatedColony.doTick = counted_tick  # type: ignore[method-assign]
-    ReplicatedColony._write_dump = timed_dump  # type: ignore[method-assign]
+    SnapshotStore.serialize = timed_serialize  # type: ignore[method-assign]
+    LoopMonitor.record = kept_record  # type: ignore[method-assign]
 
 
 def watch_gc() -> None:
@@ -158,6 +173,7 @@ def snapshot() -> dict[str, Any]:
     out: dict[str, Any] = dict(COUNTERS)
     out["raft_writes"] = sum(t.counters["writes"] for t in TRANSPORTS)
     out["hist"] = {k: dict(sorted(v.items())) for k, v in HIST.items()}
+    out["lags"] = list(LAGS)
     return out
 
 
