@@ -8,6 +8,7 @@ once, so a refused move changes nothing. A workflow member's end then moves its 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from consensus import backoff, function_ops, graphs
@@ -19,8 +20,10 @@ from consensus.records import (
     Executor,
     Process,
     attribute_id,
+    compact_spec,
     deadline_after,
     priority_time,
+    shared,
 )
 from consensus.state import ColonyState
 from protocol.errors import BadRequest
@@ -51,7 +54,7 @@ def normalized_spec(spec: dict[str, Any], colonyname: str | None = None) -> dict
     # Concurrency limits: a limit needs a key (a key alone is a mutex, limit 1).
     if "concurrencylimit" in spec and "concurrencykey" not in spec:
         raise BadRequest("concurrencylimit needs a concurrencykey (the key the limit counts)")
-    return spec
+    return compact_spec(spec)
 
 
 def new_process(
@@ -76,14 +79,14 @@ def new_process(
         processid=pid,
         seq=st.next_seq,
         spec=spec,
-        initiatorid=initiatorid,
+        initiatorid=sys.intern(initiatorid),
         initiatorname=initiatorname or st.executors[initiatorid].executorname,
         submissiontime=now,
         prioritytime=priority_time(now, spec["priority"]),
         waitdeadline=0 if waits else deadline_after(now, spec["maxwaittime"]),
         processgraphid=processgraphid,
-        parents=list(parents or []),
-        children=list(children or []),
+        parents=shared(list(parents or [])),
+        children=shared(list(children or [])),
         waitforparents=waits,
     )
     st.next_seq += 1

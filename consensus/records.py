@@ -13,6 +13,7 @@ All times are int unix nanoseconds; 0 means unset.
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,66 @@ class Attribute:
 QueueKey = tuple[int, int, str]
 
 
+class _SharedEmptyList(list):  # type: ignore[type-arg]
+    """The one empty list that every process shares for a list field that is empty: such
+    fields are replaced, never changed in place (changing this one raises), and 100,000
+    waiting processes otherwise hold 700,000 empty lists."""
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> Any:  # noqa: ANN401
+        raise TypeError("the shared empty list is never changed: replace it")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
+
+
+class _SharedEmptyDict(dict):  # type: ignore[type-arg]
+    """The one empty dict that specs share for their empty `kwargs` and `env`."""
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> Any:  # noqa: ANN401
+        raise TypeError("the shared empty dict is never changed: replace it")
+
+    update = pop = popitem = clear = setdefault = _refuse
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+
+
+EMPTY_LIST: list[Any] = _SharedEmptyList()
+EMPTY_DICT: dict[str, Any] = _SharedEmptyDict()
+
+
+def shared(value: list[Any]) -> list[Any]:
+    """``value``, or the shared empty list when it is empty."""
+    return value if value else EMPTY_LIST
+
+
+# Spec strings that many live processes repeat (the same function, colony and executor type).
+_SHARED_SPEC_STRINGS = ("funcname", "label", "nodename")
+_SHARED_CONDITION_STRINGS = ("colonyname", "executortype")
+
+
+def compact_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` sharing what many specs repeat (in place): its common strings interned, its
+    empty containers the shared ones. 100,000 waiting processes of one function otherwise
+    hold 100,000 copies of its name, colony and executor type. Specs are never changed once
+    stored, so sharing is safe."""
+    for key in _SHARED_SPEC_STRINGS:
+        value = spec.get(key)
+        if type(value) is str:
+            spec[key] = sys.intern(value)
+    for key in ("kwargs", "env"):
+        if spec.get(key) == {}:
+            spec[key] = EMPTY_DICT
+    conditions = spec.get("conditions")
+    if type(conditions) is dict:
+        for key in _SHARED_CONDITION_STRINGS:
+            value = conditions.get(key)
+            if type(value) is str:
+                conditions[key] = sys.intern(value)
+        for key in ("executornames", "dependencies"):
+            if conditions.get(key) == []:
+                conditions[key] = EMPTY_LIST
+    return spec
+
+
 @dataclass(slots=True)
 class Process:
     processid: str
@@ -150,16 +211,16 @@ class Process:
     # The current (or last) attempt number; 0 before the first assign. A close must name it.
     attempt: int = 0
     attributes: list[Attribute] = field(default_factory=list)
-    inputs: list[Any] = field(default_factory=list)
-    out: list[Any] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=lambda: EMPTY_LIST)
+    out: list[Any] = field(default_factory=lambda: EMPTY_LIST)
+    errors: list[str] = field(default_factory=lambda: EMPTY_LIST)
     # Workflow membership. `parents` are in the order of the spec's dependencies (the order
     # `in` concatenates their outputs); `waitforparents` is true until every parent has
     # succeeded, and such a process is not in the assign queue. The lists are replaced, never
     # changed in place, so replies that share them stay as they were.
     processgraphid: str = ""
-    parents: list[str] = field(default_factory=list)
-    children: list[str] = field(default_factory=list)
+    parents: list[str] = field(default_factory=lambda: EMPTY_LIST)
+    children: list[str] = field(default_factory=lambda: EMPTY_LIST)
     waitforparents: bool = False
     # Retries with backoff, concurrency limits (consensus/backoff.py, concurrency.py).
     # `backoffuntil` (ns, 0 = none): a requeued process waits out its backoff before it is
@@ -228,9 +289,9 @@ class Process:
         return cls(
             processid=d["processid"],
             seq=d["seq"],
-            spec=d["spec"],
-            initiatorid=d["initiatorid"],
-            initiatorname=d["initiatorname"],
+            spec=compact_spec(d["spec"]),
+            initiatorid=sys.intern(d["initiatorid"]),
+            initiatorname=sys.intern(d["initiatorname"]),
             submissiontime=d["submissiontime"],
             prioritytime=d["prioritytime"],
             state=d["state"],
@@ -243,13 +304,14 @@ class Process:
             retries=d["retries"],
             attempt=d["attempt"],
             attributes=[Attribute.from_snapshot(a) for a in d["attributes"]],
-            inputs=list(d["in"]),
-            out=list(d["out"]),
-            errors=list(d["errors"]),
+            # Taken, not copied: these lists are replaced, never changed in place.
+            inputs=shared(d["in"]),
+            out=shared(d["out"]),
+            errors=shared(d["errors"]),
             # Absent from snapshots written before workflows existed (format 1).
             processgraphid=d.get("processgraphid", ""),
-            parents=list(d.get("parents", [])),
-            children=list(d.get("children", [])),
+            parents=shared(d.get("parents", [])),
+            children=shared(d.get("children", [])),
             waitforparents=bool(d.get("waitforparents", False)),
             # Retries with backoff, concurrency limits: absent before format 3.
             backoffuntil=d.get("backoffuntil", 0),

@@ -9,7 +9,7 @@ followers install snapshots without unpickling anything.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -82,14 +82,19 @@ def decode_dump(blob: bytes) -> dict[str, Any]:
     return data
 
 
+LAZY_MIN_ITEMS = 1024  # arrays this long are decoded as they are iterated (LazyItems)
+
+
 def _unpack_map_by_item(blob: bytes) -> dict[Any, Any]:
-    """``msgpack.unpackb`` of a map, but its array values one item at a time.
+    """``msgpack.unpackb`` of a map, but its arrays one item at a time, and its long arrays
+    only when they are iterated (``LazyItems``).
 
     One unpackb of the whole snapshot holds the GIL for as long as it takes (0.8 s for 45 MB),
-    and a follower decodes it in a worker thread while its event loop should go on. Between
-    items Python can switch threads, so the loop waits at most a few milliseconds."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(blob) + 1)
-    unpacker.feed(blob)
+    and a follower decodes it in a worker thread while its event loop should go on; between
+    items Python can switch threads, so the loop waits at most a few milliseconds. And the
+    decoded tree of 100,000 processes takes 220 MB that Python's allocator keeps once freed:
+    built item by item while the state is rebuilt from it, it never exists whole."""
+    unpacker = _unpacker(memoryview(blob))
     out: dict[Any, Any] = {}
     for _ in range(unpacker.read_map_header()):
         key = unpacker.unpack()
@@ -98,7 +103,59 @@ def _unpack_map_by_item(blob: bytes) -> dict[Any, Any]:
         except ValueError:  # not an array (nothing was consumed)
             out[key] = unpacker.unpack()
             continue
-        out[key] = [unpacker.unpack() for _ in range(count)]
+        if count < LAZY_MIN_ITEMS:
+            out[key] = [unpacker.unpack() for _ in range(count)]
+            continue
+        start = unpacker.tell()
+        for _ in range(count):
+            unpacker.skip()  # checks the item's encoding without building it
+        out[key] = LazyItems(blob, start, unpacker.tell(), count)
     if unpacker.tell() != len(blob):
         raise ValueError("bytes after the map")
     return out
+
+
+class LazyItems:
+    """The items of a long array in a decoded snapshot, decoded each time it is iterated.
+    Consumers iterate (and may ask ``len``); equal to a list with the same items."""
+
+    def __init__(self, blob: bytes, start: int, end: int, count: int) -> None:
+        self._view = memoryview(blob)[start:end]
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Any]:
+        unpacker = _unpacker(self._view)
+        for _ in range(self._count):
+            yield unpacker.unpack()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LazyItems | list):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _ViewReader:
+    """A file-like reader over a memoryview: the unpacker reads a chunk at a time instead of
+    copying the whole blob into its buffer."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else min(len(self._view), self._pos + n)
+        chunk = bytes(self._view[self._pos:end])
+        self._pos = end
+        return chunk
+
+
+def _unpacker(view: memoryview) -> msgpack.Unpacker:
+    return msgpack.Unpacker(
+        _ViewReader(view), raw=False, strict_map_key=False, read_size=1024 * 1024,
+        max_buffer_size=max(len(view), 1024 * 1024),
+    )

@@ -151,8 +151,7 @@ class SnapshotTransfer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         (self.data_dir / OUTBOX_DIR).mkdir(mode=DIR_MODE, exist_ok=True)
-        for old in (self.data_dir / OUTBOX_DIR).iterdir():
-            old.unlink()  # copies of a run that stopped
+        await trio.to_thread.run_sync(self._remove_leftovers)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -161,6 +160,13 @@ class SnapshotTransfer:
         finally:
             self._nursery = None
             self.link.set_handler(SNAPSHOT_TYPES, None)
+
+    def _remove_leftovers(self) -> None:
+        """What a run that stopped left: copies it was sending, parts it had given up on."""
+        for old in (self.data_dir / OUTBOX_DIR).iterdir():
+            old.unlink()
+        for trash in self.data_dir.glob(f"{INSTALL_DIR}.old-*"):
+            shutil.rmtree(trash, ignore_errors=True)
 
     # --- the leader's side ---------------------------------------------------------------------
 
@@ -216,8 +222,10 @@ class SnapshotTransfer:
             self._pinned.pop(out.sid, None)
             self._out.pop(out.peer, None)
             self._finished[out.peer] = trio.current_time()
-            for f in out.files.values():
-                f.unlink(missing_ok=True)
+            # Freeing a copy of the archive (GBs) takes the file system a while: not on the
+            # event loop's thread.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_all, list(out.files.values()))
 
     async def _stream(self, out: _Outgoing) -> bool:
         """Chunks within the window until every part is acknowledged whole."""
@@ -267,10 +275,16 @@ class SnapshotTransfer:
         out = self._out.get(peer)
         if out is None or message["sid"] != out.sid:
             return
-        part, offset = message["part"], message["offset"]
+        part = message["part"]
+        offset = min(message["offset"], out.sizes.get(part, 0))
         if offset > out.acked[part]:
-            out.acked[part] = min(offset, out.sizes.get(part, offset))
-            out.sent[part] = max(out.sent[part], out.acked[part])
+            out.acked[part] = offset
+            out.sent[part] = max(out.sent[part], offset)
+            out.progress.set()
+        elif offset < out.acked[part]:
+            # The follower has less than it said before: it restarted and starts over. It is
+            # the one that knows what it holds; send on from there.
+            out.acked[part] = out.sent[part] = offset
             out.progress.set()
 
     # --- the follower's side -------------------------------------------------------------------
@@ -317,7 +331,11 @@ class SnapshotTransfer:
     def _start_incoming(self, sid: int, leader: str) -> _Incoming:
         inbox = self.data_dir / INSTALL_DIR
         if inbox.exists():
-            shutil.rmtree(inbox)
+            # The parts of another transfer: deleted in a worker thread (they can be GBs).
+            trash = self.data_dir / f"{INSTALL_DIR}.old-{secrets.token_hex(4)}"
+            inbox.rename(trash)
+            if self._nursery is not None:
+                self._nursery.start_soon(trio.to_thread.run_sync, shutil.rmtree, trash)
         inbox.mkdir(mode=DIR_MODE)
         return _Incoming(sid, leader)
 
@@ -332,7 +350,8 @@ class SnapshotTransfer:
             write_private(inbox / READY, json.dumps({"sid": inc.sid, "leader": inc.leader}),
                           sync=True)
             self.replica.begin_install()
-            complete_install(self.data_dir)
+            # Moving the parts over the old files frees those (GBs): in a worker thread too.
+            await trio.to_thread.run_sync(complete_install, self.data_dir)
             machine, data = await trio.to_thread.run_sync(self.replica.load_installed)
             self.replica.finish_install(machine, data, inc.leader)
             self._installed = inc.sid
@@ -344,6 +363,11 @@ class SnapshotTransfer:
             self.replica.abort_install(f"installing a snapshot failed: {e}")
         finally:
             self._in = None
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:

@@ -55,7 +55,7 @@ from simulations.benchkit import (  # noqa: E402
     percentile,
     progress,
 )
-from simulations.scale_preload import Identities, Preloader  # noqa: E402
+from simulations.scale_preload import fill_member  # noqa: E402
 
 COLONY = "scale"
 EXECUTOR_TYPE = "scale-worker"
@@ -93,9 +93,6 @@ class Keys:
     def env(self) -> dict[str, str]:
         return dict(os.environ, COLONIES_SERVER_PRVKEY=self.server.hex)
 
-    def ids(self) -> Identities:
-        return Identities(self.server.id, COLONY, self.owner.id, self.executor.id, EXECUTOR_TYPE)
-
 
 def member(workdir: Path, name: str, keys: Keys, extra: list[str] | None = None) -> ClusterMember:
     m = ClusterMember(name, workdir, keys.env(), "warning", probe=True, cprofile=None)
@@ -115,37 +112,23 @@ async def prepare(workdir: Path, name: str, keys: Keys, finished: int, waiting: 
     m = member(workdir, name, keys)
     shutil.rmtree(m.data_dir, ignore_errors=True)
     m.start()
+    progress(f"{name}: preloading {finished} finished and {waiting} waiting processes")
+    t0 = time.monotonic()
+    step = max(50_000, finished // 20)
+
+    def report(k: int) -> None:
+        if k % step < 500:
+            progress(f"{name}: {k} finished ({k / (time.monotonic() - t0):.0f}/s)")
+
     try:
         await m.wait_ready()
-        async with Client.connect(m.addr, keys.server) as c:
-            await c.add_colony(keys.owner.id, COLONY)
-            owner = c.with_key(keys.owner)
-            await owner.add_executor(keys.executor.id, "worker", EXECUTOR_TYPE, COLONY)
-            await owner.approve_executor(COLONY, "worker")
+        stats = await fill_member(m, keys.server, keys.owner, keys.executor, COLONY,
+                                  EXECUTOR_TYPE, finished, waiting, report)
     finally:
         m.stop()
-    progress(f"{name}: preloading {finished} finished and {waiting} waiting processes")
-
-    def fill() -> dict:
-        pre = Preloader(m.data_dir, m.peer_id, keys.ids())
-        step = max(50_000, finished // 20)
-
-        def report(k: int) -> None:
-            if k % step < 500:
-                rate = k / max(pre.stats.seconds + 1e-9, time.monotonic() - t0)
-                progress(f"{name}: {k} finished ({rate:.0f}/s)")
-
-        t0 = time.monotonic()
-        try:
-            pre.run_finished(finished, report)
-            pre.submit_waiting(waiting)
-        finally:
-            pre.close()
-        return {"finished": finished, "waiting": waiting, "addr": m.addr, "listen": m.listen,
-                "preload_s": round(pre.stats.seconds, 1), "entries": pre.stats.entries,
-                "sample_ids": pre.stats.sample_ids}
-
-    info = await trio.to_thread.run_sync(fill)
+    info = {"finished": finished, "waiting": waiting, "addr": m.addr, "listen": m.listen,
+            "preload_s": round(stats.seconds, 1), "entries": stats.entries,
+            "sample_ids": stats.sample_ids}
     done.write_text(json.dumps(info))
     return info
 

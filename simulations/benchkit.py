@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -443,11 +443,15 @@ class ClusterProcess:
         cprofile_prefix: str = "",
         workdir: Path | None = None,
         member_args: Callable[[ClusterMember], list[str]] | None = None,
+        prepare_first: Callable[[ClusterMember], Awaitable[None]] | None = None,
     ) -> None:
         # workdir: keep the members' data and logs there (default: a temporary directory);
-        # member_args: more colonyd options per member (chaos runs add --fault-file).
+        # member_args: more colonyd options per member (chaos runs add --fault-file);
+        # prepare_first: runs once the first member is ready, before the others join (it may
+        # stop the member, fill its data dir and start it again).
         self.workdir = workdir
         self.member_args = member_args
+        self.prepare_first = prepare_first
         self.server_prvkey = server_prvkey
         self.n = n
         self.log_level = log_level
@@ -496,6 +500,11 @@ class ClusterProcess:
             first, *others = self.members
             first.start()
             await first.wait_ready()
+            if self.prepare_first is not None:
+                await self.prepare_first(first)
+                if not first.running:
+                    first.start()
+                await first.wait_ready()
             for m in others:
                 m.start(join=first.addr)
             for m in others:

@@ -61,10 +61,12 @@ from simulations.chaos_history import (  # noqa: E402
 )
 from simulations.chaos_view import ChaosView  # noqa: E402
 from simulations.chaos_worker import KEY_ENV  # noqa: E402
+from simulations.scale_preload import fill_member  # noqa: E402
 
 COLONY = "chaos"
 EXECUTOR_TYPE = "chaos"
 SUBMITTER_TYPE = "chaos-submitter"
+PRELOAD_COLONY = "history"
 POLL_EVERY_S = 1.0
 POLL_TIMEOUT_S = 1.5
 EXECUTOR_STOP_S = 10.0
@@ -91,6 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-dir", type=Path, default=None,
                    help="where the report goes (default ./chaos-reports/<time>-seed<seed>)")
     p.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs")
+    p.add_argument("--compact-after", type=int, default=50,
+                   help="the nodes snapshot after this many entries (default 50, so that "
+                        "followers that were down get snapshots)")
+    p.add_argument("--preload", type=int, default=0, metavar="N",
+                   help="first fill n1's archive with N finished processes of another colony "
+                        "(the others join by installing it): a run with a large archive")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     view.add_argument("--live", action="store_true", help="the live view even when piped")
@@ -103,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (0 <= args.overrun <= 1, "--overrun must be in 0..1"),
         (0 <= args.quiet <= 3600, "--quiet must be in 0..3600"),
         (0 < args.drain_timeout <= 3600, "--drain-timeout must be in (0, 3600]"),
+        (1 <= args.compact_after <= 1_000_000, "--compact-after must be in 1..1000000"),
+        (0 <= args.preload <= 10_000_000, "--preload must be in 0..10000000"),
     ]
     for ok, message in checks:
         if not ok:
@@ -164,7 +174,9 @@ class ChaosRun:
         self.server = PrivateKey.generate()
         self.cluster = ClusterProcess(
             self.server.hex, args.nodes, log_level="info", workdir=self.nodes_dir,
-            member_args=lambda m: ["--fault-file", str(self.fault_path(m.name))],
+            member_args=lambda m: ["--fault-file", str(self.fault_path(m.name)),
+                                   "--compact-after", str(args.compact_after)],
+            prepare_first=self.preload if args.preload else None,
         )
         self.executors: list[ExecutorProcess] = []
         self.infos: dict[str, dict[str, Any] | None] = {}
@@ -194,6 +206,16 @@ class ChaosRun:
         return best[1] if best else None
 
     # --- setup --------------------------------------------------------------------------------
+
+    async def preload(self, first: ClusterMember) -> None:
+        """--preload: history in a colony of its own, through n1's own apply path
+        (simulations/scale_preload.py), before the others join."""
+        self.view.set_phase(f"preloading {self.args.preload} finished processes into n1")
+        t = time.monotonic()
+        owner, executor = PrivateKey.generate(), PrivateKey.generate()
+        await fill_member(first, self.server, owner, executor, PRELOAD_COLONY, "history",
+                          self.args.preload, 0)
+        self.timings["preload_s"] = round(time.monotonic() - t, 2)
 
     async def setup_colony(self, submitter: PrivateKey, keys: list[PrivateKey]) -> None:
         owner = PrivateKey.generate()

@@ -11,6 +11,10 @@ Kinds (the --faults mix names them, optionally weighted: "kill=2,pause,partition
   slow           every node delays inbound Raft frames by 20-150 ms
   drop           every node drops 5-20 % of its outbound Raft messages
   kill-executor  SIGKILL a random executor process (often mid-process), restart it
+  kill-install   SIGKILL a follower, keep it down while the others compact their journals
+                 past it (chaos nodes run with a small --compact-after), restart it, and
+                 SIGKILL it again, or the leader that sends, while it receives the snapshot
+  restart-all    SIGKILL every node at once, restart them all after the fault
 
 The schedule is drawn up front from the seed: what happens when, to which node index, for how
 long. Node faults (kill, kill-leader, pause, partition) never overlap one another, so a
@@ -32,11 +36,16 @@ from typing import Any
 
 import trio
 
-NODE_FAULTS = ("kill", "kill-leader", "pause", "partition")
+NODE_FAULTS = ("kill", "kill-leader", "pause", "partition", "kill-install", "restart-all")
+# Node faults that take longer than their drawn length (a snapshot transfer, a whole cluster's
+# start): the next node fault waits this much longer.
+SETTLE_S = {"kill-install": 15.0, "restart-all": 10.0}
+INSTALL_WAIT_S = 15.0
 NET_FAULTS = ("slow", "drop")
 EXECUTOR_FAULTS = ("kill-executor",)
 FAULT_KINDS = NODE_FAULTS + NET_FAULTS + EXECUTOR_FAULTS
-DEFAULT_MIX = "kill=2,kill-leader=2,pause,partition=2,slow,drop,kill-executor=2"
+DEFAULT_MIX = ("kill=2,kill-leader=2,pause,partition=2,slow,drop,kill-executor=2,kill-install,"
+               "restart-all=0.5")
 RESTART_READY_S = 60.0
 
 
@@ -95,9 +104,13 @@ def plan_schedule(
                     t = node_free_at + 0.5
                     continue
                 kind = rng.choices(others, [mix[k] for k in others])[0]
-            else:
-                node_free_at = t + length + 2.0  # and time to settle after the heal
-        if kind in NODE_FAULTS:
+            else:  # and time to settle after the heal
+                node_free_at = t + length + SETTLE_S.get(kind, 2.0)
+        if kind == "kill-install":
+            # level: 0 kills the installing follower, 1 the leader that sends it the snapshot
+            events.append(FaultEvent(t, kind, length, node=rng.randrange(nodes),
+                                     level=float(rng.randrange(2))))
+        elif kind in NODE_FAULTS:
             events.append(FaultEvent(t, kind, length, node=rng.randrange(nodes)))
         elif kind == "slow":
             events.append(FaultEvent(t, kind, length, level=float(rng.randint(20, 150))))
@@ -161,6 +174,12 @@ class Injector:
                     self.note("skip", "kill-leader: no leader known right now")
                     return
                 node = self.run.member(leader)
+            if ev.kind == "kill-install" and node.name == self.run.leader_name():
+                node = next(m for m in members if m is not node)  # a follower
+            if ev.kind == "restart-all" and (self.down or self.paused):
+                self.skipped += 1
+                self.note("skip", "restart-all: a node is already down")
+                return
             if node.name in self.down or node.name in self.paused:
                 self.skipped += 1
                 self.note("skip", f"{ev.kind} {node.name}: it is already down")
@@ -226,6 +245,69 @@ class Injector:
                            f"for {ev.duration:.1f} s")
         nursery.start_soon(self._heal_partition_later, minority, ev.duration)
 
+    async def _kill_install(self, name: str, ev: FaultEvent, nursery: trio.Nursery) -> None:
+        member = self.run.member(name)
+        member.kill()
+        self.down.add(name)
+        victim = "the leader that sends it" if ev.level else "it"
+        self._record("kill-install", name, duration=ev.duration, victim=victim)
+        self.note("fault", f"kill -9 {name}; restart in {ev.duration:.1f} s and kill {victim} "
+                           "while it receives a snapshot")
+        nursery.start_soon(self._interrupt_install, name, ev, nursery)
+
+    async def _interrupt_install(self, name: str, ev: FaultEvent, nursery: trio.Nursery) -> None:
+        await trio.sleep(ev.duration)
+        member = self.run.member(name)
+        install = member.data_dir / "install"
+        member.start()
+        deadline = time.monotonic() + INSTALL_WAIT_S
+        while time.monotonic() < deadline and member.running:
+            if install.is_dir() and any(install.iterdir()):
+                break
+            await trio.sleep(0.01)
+        else:
+            self.note("heal", f"{name} needed no snapshot (or got it at once): nothing to cut")
+            await self._wait_back(name)
+            return
+        if ev.level:
+            sender = self.run.leader_name()
+            if sender is not None and sender != name and sender not in self.down:
+                self.run.member(sender).kill()
+                self.down.add(sender)
+                self.note("fault", f"kill -9 {sender}, the leader, while {name} receives its "
+                                   "snapshot; restart in 3 s")
+                nursery.start_soon(self._restart_later, sender, 3.0)
+            await self._wait_back(name)
+            return
+        member.kill()
+        self.note("fault", f"kill -9 {name} while it receives a snapshot; restart in 1 s")
+        await trio.sleep(1.0)
+        await self.restart(name)
+
+    async def _wait_back(self, name: str) -> None:
+        try:
+            await self.run.member(name).wait_ready(RESTART_READY_S)
+            self.note("heal", f"{name} is ready again")
+        except Exception as e:  # noqa: BLE001 - reported; the run's checks judge the outcome
+            self.note("error", f"{name} did not come back ready: {e}"[:300])
+        self.down.discard(name)
+
+    async def _restart_all(self, name: str, ev: FaultEvent, nursery: trio.Nursery) -> None:
+        names = [m.name for m in self.run.cluster.members]
+        for m in self.run.cluster.members:
+            m.kill()
+            self.down.add(m.name)
+        self._record("restart-all", ",".join(names), duration=ev.duration)
+        self.note("fault", f"kill -9 every node; restart them all in {ev.duration:.1f} s")
+
+        async def later() -> None:
+            await trio.sleep(ev.duration)
+            async with trio.open_nursery() as n:
+                for each in names:
+                    n.start_soon(self.restart, each)
+
+        nursery.start_soon(later)
+
     # --- heals --------------------------------------------------------------------------------
 
     async def _restart_later(self, name: str, after: float) -> None:
@@ -236,9 +318,10 @@ class Injector:
         if name not in self.down:
             return
         member = self.run.member(name)
-        member.start()
+        if not member.running:  # a kill-install may have started it already
+            member.start()
+            self.note("heal", f"restart {name}")
         self.down.discard(name)
-        self.note("heal", f"restart {name}")
         try:
             await member.wait_ready(RESTART_READY_S)
         except Exception as e:  # noqa: BLE001 - reported; the run's checks judge the outcome

@@ -13,6 +13,9 @@ bench can then act as those identities against the node.
     preload.run_finished(1_000_000)
     preload.submit_waiting(100_000)
     preload.close()
+
+or, for a running `colonyd` (simulations/benchkit.py ClusterMember), ``fill_member``: it
+registers the colony and executor, stops the node, fills its dir; the caller starts it again.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import trio
 from pysyncobj import FAIL_REASON
 
 from consensus.machine import ColonyMachine
 from node.archive_sqlite import ARCHIVE_FILE, SqliteArchive
+from node.client import Client
 from node.raft_replica import SOLO_TIMEOUTS, ReplicatedColony
+from protocol.identity import PrivateKey
 
 BATCH = 500  # processes per log entry (an entry stays far below MAX_ENTRY_BYTES)
 TICK_TIMEOUT_S = 300.0  # a snapshot of the whole state at the end
@@ -180,3 +186,36 @@ class Preloader:
 def _batches(n: int, size: int) -> Iterator[range]:
     for start in range(0, n, size):
         yield range(start, min(n, start + size))
+
+
+async def fill_member(
+    member: Any,  # noqa: ANN401 - simulations.benchkit.ClusterMember, running and ready
+    server: PrivateKey,
+    owner: PrivateKey,
+    executor: PrivateKey,
+    colony: str,
+    executortype: str,
+    finished: int,
+    waiting: int,
+    progress: Callable[[int], None] | None = None,
+) -> PreloadStats:
+    """Registers `colony` (owned by `owner`) and an approved `executor` through the node,
+    stops it, and fills its data dir. The caller starts it again."""
+    async with Client.connect(member.addr, server) as c:
+        await c.add_colony(owner.id, colony)
+        as_owner = c.with_key(owner)
+        await as_owner.add_executor(executor.id, "worker", executortype, colony)
+        await as_owner.approve_executor(colony, "worker")
+    member.stop()
+    ids = Identities(server.id, colony, owner.id, executor.id, executortype)
+
+    def fill() -> PreloadStats:
+        pre = Preloader(member.data_dir, member.peer_id, ids)
+        try:
+            pre.run_finished(finished, progress)
+            pre.submit_waiting(waiting)
+        finally:
+            pre.close()
+        return pre.stats
+
+    return await trio.to_thread.run_sync(fill)

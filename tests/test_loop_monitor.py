@@ -33,3 +33,20 @@ async def test_a_blocked_loop_shows_as_lag() -> None:
         n.cancel_scope.cancel()
     assert max(seen) >= STALL_S * 1.8 and m.stalls == 1
     assert m.max_recent() == max(seen)
+
+
+async def test_a_stall_is_logged_with_where_the_loop_was_stuck(caplog) -> None:
+    m = LoopMonitor(period=0.01)
+
+    def slow_apply() -> None:
+        time.sleep(STALL_S * 3)  # releases the GIL, as a blocking syscall does
+
+    async with trio.open_nursery() as n:
+        await n.start(m.run)
+        await trio.sleep(0.05)
+        with caplog.at_level("WARNING", logger="colonies.node"):
+            slow_apply()
+            await trio.sleep(0.05)
+        n.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
+    assert len(lines) == 1 and "slow_apply" in lines[0], lines
